@@ -1,0 +1,135 @@
+"""Prepared splits -> batches: a grain pipeline on the host, or a device-resident data set.
+
+Both hand uint8 images to the jitted step, which augments them on the accelerator with
+`augment.augment_batch`; the host only reads and batches bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+
+from pneumojax.data import builder
+
+
+def data_source(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
+                with_lesion_mask: bool = False) -> Sequence[dict]:
+    """A random-access view of one prepared split, read through `tfds.data_source`."""
+    data_dir = builder.default_data_dir() if data_dir is None else data_dir
+    builder.load_report(data_dir, name)  # a clear error if it was never prepared
+    decoders = None if with_lesion_mask else {"lesion_mask": tfds.decode.SkipDecoding()}
+    return tfds.data_source(f"{builder.NAME}/{name}", split=split, data_dir=str(data_dir),
+                            decoders=decoders)
+
+
+def _image_label(example: dict) -> dict:
+    return {"image": example["image"], "label": np.int32(example["label"])}
+
+
+def _host_slice(global_batch: int, process_index: int | None, process_count: int | None
+                ) -> tuple[int, int, int]:
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if global_batch % pc:
+        raise ValueError(f"batch size {global_batch} is not divisible by {pc} processes")
+    return pi, pc, global_batch // pc
+
+
+def train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, num_workers: int = 0,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> grain.IterDataset:
+    """Endless shuffled batches of this process's share of `batch_size` (the global batch).
+
+    Every process shuffles with the same seed and takes every `process_count`-th example, so
+    the hosts' batches together form one global batch, and each epoch is a fresh permutation.
+    Iterate it with `iter()`; the iterator's `get_state`/`set_state` make it resumable.
+    """
+    pi, pc, per_host = _host_slice(batch_size, process_index, process_count)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = ds[pi::pc].map(_image_label).batch(per_host, drop_remainder=True).to_iter_dataset()
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain reads absl flags; library callers parse none
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return ds
+
+
+class _Padded(Sequence):
+    """This process's examples of each global batch, padded with blank `valid=False` ones."""
+
+    def __init__(self, source: Sequence[dict], batch_size: int, pi: int, pc: int):
+        self.source, self.per_host, self.pi, self.pc = source, batch_size // pc, pi, pc
+        self.length = math.ceil(len(source) / batch_size) * self.per_host
+        self.blank = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, j: int) -> dict:
+        batch, offset = divmod(j, self.per_host)
+        index = (batch * self.pc + self.pi) * self.per_host + offset
+        if index < len(self.source):
+            return {**_image_label(self.source[index]), "valid": True, "index": np.int64(index)}
+        if self.blank is None:
+            first = _image_label(self.source[0])
+            self.blank = {"image": np.zeros_like(first["image"]), "label": np.int32(0),
+                          "valid": False, "index": np.int64(-1)}
+        return self.blank
+
+
+def eval_batches(source: Sequence[dict], *, batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict]:
+    """Every example exactly once, in order; the last batch is padded and `valid` masks it.
+
+    Batches carry `index`, each example's position in the split (-1 for padding), so that
+    predictions can be joined back to file names and patients.
+    """
+    if len(source) == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    pi, pc, per_host = _host_slice(batch_size, process_index, process_count)
+    padded = _Padded(source, batch_size, pi, pc)
+    return iter(grain.MapDataset.source(padded).batch(per_host))
+
+
+class DeviceData(NamedTuple):
+    """A whole split on the accelerator: uint8 images and int32 labels, replicated."""
+
+    images: jax.Array
+    labels: jax.Array
+
+
+def to_device(source: Sequence[dict], sharding: jax.sharding.Sharding | None = None,
+              chunk: int = 256) -> DeviceData:
+    """Reads the split once; afterwards a step needs no host work at all."""
+    images = np.empty((len(source), *source[0]["image"].shape), np.uint8)
+    labels = np.empty((len(source),), np.int32)
+    for start in range(0, len(source), chunk):
+        part = source.__getitems__(range(start, min(start + chunk, len(source))))
+        for i, example in enumerate(part, start):
+            images[i], labels[i] = example["image"], example["label"]
+    put = (lambda x: jax.device_put(x, sharding)) if sharding else jax.device_put
+    return DeviceData(put(images), put(labels))
+
+
+def device_batch(data: DeviceData, key: jax.Array, step: jax.Array, batch_size: int
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Batch `step` of a fresh permutation per epoch, gathered on the device (jit-friendly).
+
+    It depends only on (key, step), so resuming needs nothing but the step.
+    """
+    n = data.labels.shape[0]
+    if batch_size > n:
+        raise ValueError(f"batch size {batch_size} exceeds the {n} examples on the device")
+    epoch, i = jnp.divmod(step, n // batch_size)
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+    return data.images[idx], data.labels[idx]
