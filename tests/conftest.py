@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import struct
+import zlib
 
 import pytest
 
@@ -26,3 +28,13 @@ def synthetic(tmp_path_factory) -> tuple[pathlib.Path, str]:
     report = data.prepare("synthetic", data_dir=data_dir, image_size=SYNTHETIC_SIZE,
                           synthetic_count=SYNTHETIC_COUNT, validation_fraction=0.25)
     return data_dir, report["name"]
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A PNG whose header claims side x side pixels, built without allocating them."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (side + 1))  # one row; the header alone must decide
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))

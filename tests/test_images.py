@@ -3,7 +3,6 @@
 import io
 import pickle
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image, JpegImagePlugin
 
 from pneumojax.data import images
 from pneumojax.data.images import ImageError, decode_grayscale, read_grayscale
+from tests.conftest import png_bomb
 
 
 def _xray_like(width: int, height: int) -> np.ndarray:
@@ -25,10 +25,6 @@ def _xray_like(width: int, height: int) -> np.ndarray:
 def _save(path: Path, im: Image.Image, **kwargs) -> Path:
     im.save(path, **kwargs)
     return path
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _rejects(path: Path, reason: str) -> ImageError:
@@ -70,11 +66,8 @@ def test_one_pixel_rejected(tmp_path):
 
 
 def test_png_bomb_rejected_from_header(tmp_path):
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 100_001)  # One row; the header alone must decide.
-    data = images._PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr)
     path = tmp_path / "bomb.png"
-    path.write_bytes(data + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+    path.write_bytes(png_bomb())
     _rejects(
         path,
         "too large: 100000x100000 = 10,000,000,000 pixels exceeds the "
@@ -202,3 +195,13 @@ def test_image_error_pickles():
 
 def test_suffixes():
     assert images.IMAGE_SUFFIXES == {".jpeg", ".jpg", ".png"}
+
+
+def test_resize_matches_decoding_at_size():
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (90, 130), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(grey).save(png, format="PNG")
+    decoded = images.decode_grayscale(png.getvalue(), "x.png", size=48)
+    np.testing.assert_array_equal(images.resize(grey, 48), decoded)
+    np.testing.assert_array_equal(images.resize(grey[:, :, None], 48), decoded)

@@ -120,9 +120,7 @@ def prepare(source: str, *, data_dir: str | os.PathLike | None = None, image_siz
     A failure at any point leaves the previously prepared version untouched and usable.
     """
     data_dir = pathlib.Path(data_dir) if data_dir else default_data_dir()
-    config = ChestXrayConfig(name=config_name(source, image_size), source=source,
-                             image_size=image_size, validation_fraction=validation_fraction,
-                             seed=seed, synthetic_count=synthetic_count)
+    config = _config(source, image_size, validation_fraction, seed, synthetic_count)
     final = dataset_dir(data_dir, config.name)
     recover(final)
     staging = data_dir / f".staging-{uuid.uuid4().hex[:8]}"
@@ -136,6 +134,28 @@ def prepare(source: str, *, data_dir: str | os.PathLike | None = None, image_siz
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def ensure_prepared(source: str, *, data_dir: str | os.PathLike | None = None,
+                    image_size: int = 224, validation_fraction: float = 0.1, seed: int = 0,
+                    synthetic_count: int = 1200) -> str:
+    """The config name of a prepared set with exactly these settings, preparing it if needed."""
+    config = _config(source, image_size, validation_fraction, seed, synthetic_count)
+    try:
+        if load_report(data_dir, config.name)["settings"] == config.settings():
+            return config.name
+    except FileNotFoundError:
+        pass
+    return prepare(source, data_dir=data_dir, image_size=image_size,
+                   validation_fraction=validation_fraction, seed=seed,
+                   synthetic_count=synthetic_count)["name"]
+
+
+def _config(source: str, image_size: int, validation_fraction: float, seed: int,
+            synthetic_count: int) -> ChestXrayConfig:
+    return ChestXrayConfig(name=config_name(source, image_size), source=source,
+                           image_size=image_size, validation_fraction=validation_fraction,
+                           seed=seed, synthetic_count=synthetic_count)
 
 
 def _report(builder: ChestXrayPneumonia, final: pathlib.Path) -> dict:

@@ -160,10 +160,17 @@ def decode_grayscale(
         im = _to_l(im)
     except ValueError as e:  # A mode PIL decodes but cannot convert, e.g. LAB.
         raise ImageError(name, f"cannot convert mode {im.mode} to grayscale ({e})") from e
-    if size is None:
-        return np.array(im, dtype=np.uint8)
+    return np.array(im, dtype=np.uint8) if size is None else _squash(im, size)
+
+
+def _squash(im: Image.Image, size: int) -> np.ndarray:
     im = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.array(im, dtype=np.uint8)[:, :, None]
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 1) -> (size, size, 1), squashed exactly as decoding does."""
+    return _squash(Image.fromarray(np.asarray(image, np.uint8).reshape(image.shape[:2])), size)
 
 
 def read_grayscale(path: str | os.PathLike, *, size: int | None = None) -> np.ndarray:

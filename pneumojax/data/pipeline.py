@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
+from tensorflow_datasets.proto import tf_example_pb2
 
 from pneumojax.data import builder
 
@@ -31,8 +32,32 @@ def data_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
                             decoders=decoders)
 
 
-def _image_label(example: dict) -> dict:
-    return {"image": example["image"], "label": np.int32(example["label"])}
+class ImageLabels(Sequence):
+    """`image` and `label` parsed straight from a TFDS source's records.
+
+    TFDS's generic decoder spends ~40 us of Python per feature on all six features; the
+    training path needs two, and parsing only those is what lets one core feed thousands of
+    images a second.
+    """
+
+    def __init__(self, source: Sequence[dict]):
+        self.records = source.data_source  # the ArrayRecord reader under tfds.data_source
+        self.shape = tuple(source.dataset_info.features["image"].shape)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _parse(self, record: bytes) -> dict:
+        feature = tf_example_pb2.Example.FromString(record).features.feature
+        image = np.frombuffer(feature["image"].bytes_list.value[0], np.uint8)
+        return {"image": image.reshape(self.shape),
+                "label": np.int32(feature["label"].int64_list.value[0])}
+
+    def __getitem__(self, index: int) -> dict:
+        return self._parse(self.records[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        return [self._parse(r) for r in self.records.__getitems__(indices)]
 
 
 def _host_slice(global_batch: int, process_index: int | None, process_count: int | None
@@ -54,8 +79,11 @@ def train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, num_wor
     Iterate it with `iter()`; the iterator's `get_state`/`set_state` make it resumable.
     """
     pi, pc, per_host = _host_slice(batch_size, process_index, process_count)
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    ds = ds[pi::pc].map(_image_label).batch(per_host, drop_remainder=True).to_iter_dataset()
+    ds = grain.MapDataset.source(ImageLabels(source)).seed(seed).shuffle().repeat()
+    # grain's default of 16 read threads per process thrashes small hosts once workers fork;
+    # 2 threads and 8 batches ahead measured best (5,600 vs 600 images/s on 2 cores).
+    ds = ds[pi::pc].batch(per_host, drop_remainder=True).to_iter_dataset(
+        grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain reads absl flags; library callers parse none
             flags.FLAGS.mark_as_parsed()
@@ -66,7 +94,7 @@ def train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, num_wor
 class _Padded(Sequence):
     """This process's examples of each global batch, padded with blank `valid=False` ones."""
 
-    def __init__(self, source: Sequence[dict], batch_size: int, pi: int, pc: int):
+    def __init__(self, source: ImageLabels, batch_size: int, pi: int, pc: int):
         self.source, self.per_host, self.pi, self.pc = source, batch_size // pc, pi, pc
         self.length = math.ceil(len(source) / batch_size) * self.per_host
         self.blank = None
@@ -78,10 +106,9 @@ class _Padded(Sequence):
         batch, offset = divmod(j, self.per_host)
         index = (batch * self.pc + self.pi) * self.per_host + offset
         if index < len(self.source):
-            return {**_image_label(self.source[index]), "valid": True, "index": np.int64(index)}
+            return {**self.source[index], "valid": True, "index": np.int64(index)}
         if self.blank is None:
-            first = _image_label(self.source[0])
-            self.blank = {"image": np.zeros_like(first["image"]), "label": np.int32(0),
+            self.blank = {"image": np.zeros(self.source.shape, np.uint8), "label": np.int32(0),
                           "valid": False, "index": np.int64(-1)}
         return self.blank
 
@@ -96,7 +123,7 @@ def eval_batches(source: Sequence[dict], *, batch_size: int, process_index: int 
     if len(source) == 0:
         raise ValueError("cannot evaluate on an empty split")
     pi, pc, per_host = _host_slice(batch_size, process_index, process_count)
-    padded = _Padded(source, batch_size, pi, pc)
+    padded = _Padded(ImageLabels(source), batch_size, pi, pc)
     return iter(grain.MapDataset.source(padded).batch(per_host))
 
 
@@ -110,10 +137,11 @@ class DeviceData(NamedTuple):
 def to_device(source: Sequence[dict], sharding: jax.sharding.Sharding | None = None,
               chunk: int = 256) -> DeviceData:
     """Reads the split once; afterwards a step needs no host work at all."""
-    images = np.empty((len(source), *source[0]["image"].shape), np.uint8)
+    source = ImageLabels(source)
+    images = np.empty((len(source), *source.shape), np.uint8)
     labels = np.empty((len(source),), np.int32)
     for start in range(0, len(source), chunk):
-        part = source.__getitems__(range(start, min(start + chunk, len(source))))
+        part = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
         for i, example in enumerate(part, start):
             images[i], labels[i] = example["image"], example["label"]
     put = (lambda x: jax.device_put(x, sharding)) if sharding else jax.device_put

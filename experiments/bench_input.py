@@ -1,0 +1,94 @@
+"""Input-pipeline throughput: grain host pipeline (0 and all workers) vs the device-resident path.
+
+    python experiments/bench_input.py                      # synthetic phantoms, 224 px
+    python experiments/bench_input.py --source folder:../shared/data/chest_xray
+
+Writes experiments/results/bench_input.json. Goal: the host pipeline >= 3,000 images/s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+import jax
+
+from pneumojax import data
+from pneumojax.data import augment
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "bench_input.json"
+
+
+def _rate(next_batch, batch: int, seconds: float, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        next_batch()
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or n < 5:
+        next_batch()
+        n += 1
+    return n * batch / elapsed
+
+
+def bench_host(source, batch: int, workers: int, seconds: float) -> float:
+    it = iter(data.train_dataset(source, batch_size=batch, seed=0, num_workers=workers))
+    return _rate(lambda: next(it), batch, seconds)
+
+
+def bench_device(dd: data.DeviceData, batch: int, seconds: float, with_augment: bool) -> float:
+    """The on-device gather, alone or followed by augmentation as the train step runs it."""
+    cfg = augment.AugmentConfig()
+
+    @jax.jit
+    def fetch(key, step):
+        images, _ = data.device_batch(dd, key, step, batch)
+        if with_augment:
+            images = augment.augment_batch(images, jax.random.fold_in(key, step), cfg)
+        return images, step + 1
+
+    state = [jax.random.key(0), jax.numpy.asarray(0)]
+
+    def next_batch():
+        images, state[1] = fetch(*state)
+        images.block_until_ready()
+    return _rate(next_batch, batch, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="synthetic")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--synthetic-count", type=int, default=2000)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args()
+
+    name = data.ensure_prepared(args.source, data_dir=args.data_dir, image_size=args.image_size,
+                                synthetic_count=args.synthetic_count)
+    source = data.data_source(name, "train", data_dir=args.data_dir)
+    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores"
+    records = []
+    for workers in sorted({0, os.cpu_count() or 1}):
+        rate = bench_host(source, args.batch, workers, args.seconds)
+        records.append(dict(path="host", workers=workers, batch=args.batch,
+                            image_size=args.image_size, images_per_s=round(rate, 1),
+                            device=device, data=name, augment=False))
+        print(json.dumps(records[-1]), flush=True)
+    dd = data.to_device(source)
+    for with_augment in (False, True):
+        rate = bench_device(dd, args.batch, args.seconds, with_augment)
+        records.append(dict(path="device", workers=0, batch=args.batch,
+                            image_size=args.image_size, images_per_s=round(rate, 1),
+                            device=device, data=name, augment=with_augment))
+        print(json.dumps(records[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

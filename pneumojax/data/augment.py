@@ -1,0 +1,168 @@
+"""Per-example chest X-ray augmentation, on the accelerator, in pure JAX.
+
+It runs inside the jitted train step, so the grain host pipeline and the
+device-resident pipeline share one implementation, and a batch sharded along B
+needs no communication (no host callbacks, no custom calls).
+
+Coordinates are (row, col) with rows pointing down, as an image is displayed.
+A positive rotation turns the image counter-clockwise on screen: a point right
+of the centre moves up (towards row 0).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Sampling ranges. Frozen, hence hashable, so it can be a static jit argument."""
+
+    enabled: bool = True
+    rotation_deg: float = 10.0  # angle ~ U(-r, r)
+    translate: float = 0.08  # shift ~ U(-t, t) * size, independently in x and y
+    zoom: tuple[float, float] = (0.9, 1.1)  # scale ~ U(lo, hi)
+    hflip: bool = False  # off by default: a mirrored chest film shows the heart on the wrong side
+    brightness: float = 0.1  # additive delta ~ U(-b, b), images in [0, 1]
+    contrast: float = 0.1  # factor ~ U(1-c, 1+c) around the per-image mean
+
+    def __post_init__(self) -> None:
+        # Configs may hand over a list, which would make the dataclass unhashable.
+        object.__setattr__(self, "zoom", tuple(float(z) for z in self.zoom))
+
+    @property
+    def geometric(self) -> bool:
+        """Whether any warp is sampled; if not, the per-example gather is skipped."""
+        return bool(self.rotation_deg or self.translate or self.zoom != (1.0, 1.0) or self.hflip)
+
+    @property
+    def photometric(self) -> bool:
+        return bool(self.brightness or self.contrast)
+
+
+def to_float(images: jax.Array) -> jax.Array:
+    """uint8 -> float32 in [0, 1]. This is all the preprocessing eval does."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def affine_matrix(
+    size: tuple[int, int],
+    rotation: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    flip: jax.Array,
+) -> jax.Array:
+    """3x3 FORWARD map from input pixel coordinates (row, col, 1) to output coordinates.
+
+    About the image centre: flip columns if `flip`, then rotate by `rotation`
+    radians (positive = counter-clockwise as displayed), scale (>1 zooms in),
+    then shift by (rows, cols) pixels.
+    """
+    h, w = size
+    centre = jnp.array([(h - 1) / 2, (w - 1) / 2], jnp.float32)
+    rotation = jnp.asarray(rotation, jnp.float32)
+    # On (row, col) offsets with rows down, cos * I + sin * [[0, -1], [1, 0]] turns
+    # counter-clockwise on screen; the flip negates the column offset: the second column.
+    quarter_turn = jnp.array([[0.0, -1.0], [1.0, 0.0]])
+    rotate = jnp.cos(rotation) * jnp.eye(2) + jnp.sin(rotation) * quarter_turn
+    linear = scale * rotate * jnp.where((jnp.arange(2) == 1) & flip, -1.0, 1.0)
+    translation = centre + jnp.asarray(shift, jnp.float32) - linear @ centre
+    # Padded and added, never concatenated: under vmap with explicit sharding, concatenating
+    # a constant or unbatched block onto a batch-sharded one is an error.
+    return (
+        jnp.pad(linear, ((0, 1), (0, 1)))
+        + jnp.pad(translation[:, None], ((0, 1), (2, 0)))
+        + jnp.diag(jnp.array([0.0, 0.0, 1.0]))
+    )
+
+
+def _invert_affine(forward: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Closed-form inverse as (2x2 linear, translation).
+
+    Elementwise only, unlike jnp.linalg.inv's batched LU custom call.
+    """
+    (a, b), (c, d) = forward[0, :2], forward[1, :2]
+    linear = jnp.array([[d, -b], [-c, a]]) / (a * d - b * c)
+    return linear, -linear @ forward[:2, 2]
+
+
+def warp(image: jax.Array, forward: jax.Array) -> jax.Array:
+    """(H, W, C) float -> (H, W, C): output pixel p samples the input at inverse(forward) @ p.
+
+    Bilinear, zero outside (X-ray background is black). Matches
+    jax.scipy.ndimage.map_coordinates(order=1, mode="constant", cval=0), but fetches
+    the four corners of every pixel, all channels, in a single gather.
+    """
+    h, w, _ = image.shape
+    linear, translation = _invert_affine(forward)
+    grid = jnp.stack(jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")).astype(jnp.float32)
+    src = jnp.einsum("ij,jhw->ihw", linear, grid) + translation[:, None, None]  # (2, H, W)
+    base = jnp.floor(src)
+    frac = src - base
+    offsets = jnp.array([[0, 0], [0, 1], [1, 0], [1, 1]])[:, :, None, None]  # (4, 2, 1, 1)
+    corner = base.astype(jnp.int32)[None] + offsets  # (4, 2, H, W)
+    weight = jnp.prod(jnp.where(offsets == 1, frac[None], 1.0 - frac[None]), axis=1)
+    limit = jnp.array([h, w])[None, :, None, None]
+    inside = jnp.all((corner >= 0) & (corner < limit), axis=1)
+    corner = jnp.clip(corner, 0, limit - 1)
+    values = image[corner[:, 0], corner[:, 1]]  # (4, H, W, C)
+    return jnp.sum(jnp.where(inside, weight, 0.0)[..., None] * values, axis=0)
+
+
+def _between(u: jax.Array, lo: float, hi: float) -> jax.Array:
+    return lo + (hi - lo) * u
+
+
+def _random_affine(u: jax.Array, config: AugmentConfig, size: tuple[int, int]) -> jax.Array:
+    """Geometry from five U(0, 1) draws."""
+    r, t = config.rotation_deg, config.translate
+    rotation = jnp.deg2rad(_between(u[0], -r, r))
+    scale = _between(u[1], *config.zoom)
+    shift = _between(u[2:4], -t, t) * jnp.array(size, jnp.float32)
+    flip = (u[4] < 0.5) & config.hflip
+    return affine_matrix(size, rotation, scale, shift, flip)
+
+
+def _random_photometric(x: jax.Array, u: jax.Array, config: AugmentConfig) -> jax.Array:
+    """Contrast about the per-image mean, then brightness, from two U(0, 1) draws."""
+    b, c = config.brightness, config.contrast
+    mean = jnp.mean(x)
+    return (x - mean) * _between(u[0], 1.0 - c, 1.0 + c) + mean + _between(u[1], -b, b)
+
+
+def augment_image(image: jax.Array, key: jax.Array, config: AugmentConfig) -> jax.Array:
+    """uint8 (H, W, C) -> float32 (H, W, C) in [0, 1]; one example of augment_batch.
+
+    Photometric first, then the warp, so that the zero fill stays black rather
+    than picking up the brightness shift. All randomness comes from one draw of
+    seven uniforms: each extra threefry call costs compile time and kernels.
+    """
+    x = to_float(image)
+    if not config.enabled:
+        return x
+    u = jax.random.uniform(key, (7,))
+    if config.photometric:
+        x = _random_photometric(x, u[:2], config)
+    if config.geometric:
+        x = warp(x, _random_affine(u[2:], config, x.shape[:2]))
+    return jnp.clip(x, 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def augment_batch(images: jax.Array, key: jax.Array, config: AugmentConfig) -> jax.Array:
+    """uint8 (B, H, W, C) -> float32 (B, H, W, C) in [0, 1].
+
+    One key per example (jax.random.split(key, B)), vmapped. Exactly
+    to_float(images) when config.enabled is False. Jitted so that eager callers
+    (plots, notebooks) don't dispatch op by op; inside the train step it inlines.
+    """
+    if not config.enabled:
+        return to_float(images)
+    keys = jax.random.split(key, images.shape[0])
+    # Under explicit sharding vmap wants the keys split over devices exactly like the images.
+    sharding = jax.typeof(images).sharding
+    if sharding.spec[0] is not None:
+        keys = jax.sharding.reshard(keys, sharding.update(spec=jax.P(sharding.spec[0])))
+    return jax.vmap(functools.partial(augment_image, config=config))(images, keys)

@@ -1,0 +1,195 @@
+"""Tests for pneumojax.data.augment: geometry lands where the matrix says, and the rest is inert."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pneumojax.data import augment
+
+SIZE = (64, 64)
+CENTRE = np.array([(SIZE[0] - 1) / 2, (SIZE[1] - 1) / 2])
+NO_PHOTO = dict(brightness=0.0, contrast=0.0)
+NO_GEOMETRY = dict(rotation_deg=0.0, translate=0.0, zoom=(1.0, 1.0), hflip=False)
+CONFIG = augment.AugmentConfig(hflip=True)  # shared, so that jit compiles it once (~1 s on CPU)
+warp = jax.jit(augment.warp)
+
+
+def _blob(r: float, c: float, sigma: float = 1.0) -> jax.Array:
+    rows, cols = np.mgrid[: SIZE[0], : SIZE[1]]
+    image = np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2))
+    return jnp.asarray(image[..., None], jnp.float32)
+
+
+def _centroid(image: jax.Array) -> np.ndarray:
+    weights = np.asarray(image)[..., 0]
+    rows, cols = np.mgrid[: SIZE[0], : SIZE[1]]
+    return np.array([(weights * rows).sum(), (weights * cols).sum()]) / weights.sum()
+
+
+def _images(seed: int = 0, batch: int = 4) -> jax.Array:
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(0, 256, (batch, 33, 33, 1), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "point, rotation_deg, scale, shift, flip",
+    [
+        ((20.0, 45.0), 90.0, 1.0, (0.0, 0.0), False),
+        ((24.0, 40.0), 30.0, 1.1, (3.0, -4.0), False),
+        ((26.0, 38.0), -20.0, 0.9, (-2.5, 1.5), True),
+        ((20.0, 10.0), 0.0, 1.0, (0.0, 0.0), True),  # flip alone
+        ((30.0, 30.0), 0.0, 1.0, (5.5, -7.25), False),  # shift alone
+    ],
+)
+def test_marker_moves_where_the_matrix_says(point, rotation_deg, scale, shift, flip):
+    forward = augment.affine_matrix(
+        SIZE, jnp.deg2rad(rotation_deg), jnp.float32(scale), jnp.array(shift), jnp.array(flip)
+    )
+    expected = (np.asarray(forward) @ np.array([*point, 1.0]))[:2]
+    np.testing.assert_allclose(_centroid(warp(_blob(*point), forward)), expected, atol=0.5)
+
+
+def test_rotation_sign_is_counter_clockwise_as_displayed():
+    # Rows point down, so a marker right of the centre must end up above it.
+    forward = augment.affine_matrix(SIZE, jnp.pi / 2, 1.0, jnp.zeros(2), False)
+    right = np.array([CENTRE[0], CENTRE[1] + 10, 1.0])
+    np.testing.assert_allclose((np.asarray(forward) @ right)[:2], CENTRE - [10, 0], atol=1e-4)
+    moved = _centroid(warp(_blob(*right[:2]), forward))
+    np.testing.assert_allclose(moved, CENTRE - [10, 0], atol=0.5)
+
+
+def test_flip_mirrors_columns_only():
+    forward = augment.affine_matrix(SIZE, 0.0, 1.0, jnp.zeros(2), True)
+    np.testing.assert_allclose(forward @ jnp.array([5.0, 7.0, 1.0]), [5.0, SIZE[1] - 1 - 7.0, 1.0])
+
+
+def test_warp_matches_map_coordinates():
+    image = jax.random.uniform(jax.random.key(0), (*SIZE, 2))
+    forward = augment.affine_matrix(SIZE, 0.4, 1.2, jnp.array([6.0, -9.0]), False)
+    inverse = np.linalg.inv(np.asarray(forward, np.float64))
+    rows, cols = np.mgrid[: SIZE[0], : SIZE[1]]
+    src = np.einsum("ij,jhw->ihw", inverse, np.stack([rows, cols, np.ones_like(rows)]))[:2]
+    expected = jnp.stack(
+        [
+            jax.scipy.ndimage.map_coordinates(image[..., ch], list(src), order=1, mode="constant")
+            for ch in range(image.shape[-1])
+        ],
+        axis=-1,
+    )
+    np.testing.assert_allclose(warp(image, forward), expected, atol=1e-4)
+
+
+def test_identity_geometry_is_exact():
+    forward = augment.affine_matrix(SIZE, 0.0, 1.0, jnp.zeros(2), False)
+    np.testing.assert_allclose(forward, np.eye(3), atol=1e-6)
+    image = jax.random.uniform(jax.random.key(1), (*SIZE, 2))
+    np.testing.assert_allclose(warp(image, jnp.eye(3)), image, atol=1e-6)
+
+
+def test_same_key_same_output_different_key_different_output():
+    images = _images()
+    first = augment.augment_batch(images, jax.random.key(0), CONFIG)
+    np.testing.assert_array_equal(first, augment.augment_batch(images, jax.random.key(0), CONFIG))
+    assert not np.allclose(first, augment.augment_batch(images, jax.random.key(1), CONFIG))
+
+
+def test_disabled_is_exactly_to_float():
+    images = _images()
+    out = augment.augment_batch(images, jax.random.key(0), augment.AugmentConfig(enabled=False))
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, images / 255)
+    np.testing.assert_array_equal(out, augment.to_float(images))
+    # XLA turns /255 into a multiply by the rounded reciprocal: numpy's true division is 1 ulp off.
+    np.testing.assert_allclose(out, np.asarray(images).astype(np.float32) / 255, rtol=1.2e-7)
+
+
+def test_zero_ranges_are_identity():
+    images = _images()
+    config = augment.AugmentConfig(**NO_GEOMETRY, **NO_PHOTO)
+    out = augment.augment_batch(images, jax.random.key(0), config)
+    np.testing.assert_allclose(out, np.asarray(images) / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CONFIG,
+        augment.AugmentConfig(**NO_GEOMETRY, brightness=0.5, contrast=0.5),
+    ],
+)
+def test_outputs_stay_in_unit_range(config):
+    out = augment.augment_batch(_images(batch=4), jax.random.key(3), config)
+    assert out.dtype == jnp.float32 and out.shape == (4, 33, 33, 1)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_contrast_preserves_mean_of_mid_grey_image():
+    rng = np.random.default_rng(0)
+    grey = rng.integers(100, 156, (8, 33, 33, 1), dtype=np.uint8)  # far enough from 0 and 1
+    config = augment.AugmentConfig(**NO_GEOMETRY, brightness=0.0, contrast=0.3)
+    out = augment.augment_batch(jnp.asarray(grey), jax.random.key(0), config)
+    before = (grey / 255).reshape(8, -1)
+    after = np.asarray(out).reshape(8, -1)
+    np.testing.assert_allclose(after.mean(1), before.mean(1), atol=1e-5)
+    assert not np.allclose(after.std(1), before.std(1), rtol=1e-3)  # contrast did act
+
+
+def test_vmap_equals_per_example():
+    images, key, config = _images(), jax.random.key(5), CONFIG
+    batched = augment.augment_batch(images, key, config)
+    one = jax.jit(augment.augment_image, static_argnames="config")
+    keys = jax.random.split(key, images.shape[0])
+    single = jnp.stack(
+        [one(images[i], keys[i], config) for i in range(images.shape[0])]
+    )
+    np.testing.assert_allclose(batched, single, atol=1e-6)
+
+
+def test_jit_with_static_config_keeps_device():
+    device = jax.devices()[-1]
+    images = jax.device_put(_images(), device)
+    step = jax.jit(lambda x, key: augment.augment_batch(x, key, CONFIG) * 1.0)  # nested in a step
+    out = step(images, jax.random.key(0))
+    assert out.devices() == images.devices() == {device}
+    np.testing.assert_allclose(out, augment.augment_batch(images, jax.random.key(0), CONFIG), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_batch_sharded_across_devices(tmp_path):
+    # Fake devices must be set before jax starts, hence a fresh interpreter; it checks
+    # against this process's unsharded result, so that it compiles only the sharded one.
+    images = _images()
+    expected = augment.augment_batch(images, jax.random.key(0), CONFIG)
+    np.savez(tmp_path / "case.npz", images=images, expected=expected)
+    script = textwrap.dedent(
+        f"""
+        import jax, numpy as np
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+        from pneumojax.data import augment
+
+        case = np.load("{tmp_path / 'case.npz'}")
+        # Explicit axes (make_mesh's default) are the strict case: vmap and concatenate check them.
+        mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+        sharded = jax.device_put(case["images"], NamedSharding(mesh, P("data")))
+        with jax.set_mesh(mesh):
+            out = augment.augment_batch(sharded, jax.random.key(0), augment.{CONFIG!r})
+        assert out.sharding.spec[0] == "data", out.sharding
+        np.testing.assert_allclose(out, case["expected"], atol=1e-6)
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_config_is_hashable_even_from_a_list():
+    config = augment.AugmentConfig(zoom=[0.8, 1.2])  # as a config file may hand it over
+    assert hash(config) == hash(augment.AugmentConfig(zoom=(0.8, 1.2)))
+    assert math.isclose(config.zoom[1], 1.2)
