@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny prepared synthetic data set, and the real data when present."""
 
+import http.server
 import os
 import pathlib
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 
 import pytest
 
@@ -38,3 +41,49 @@ def png_bomb(side: int = 100_000) -> bytes:
     idat = zlib.compress(b"\x00" * (side + 1))  # one row; the header alone must decide
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
             + chunk(b"IEND", b""))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves `files` by path, with Range support; `mode` is one of range, no_range, cut, 404."""
+
+    files: dict[str, bytes]
+    mode: str
+    requests: list[tuple[str, str | None]]
+    base: str
+
+    def do_GET(self) -> None:
+        self.requests.append((self.path, self.headers.get("Range")))
+        payload = self.files.get(self.path)
+        if payload is None or self.mode == "404":
+            self.send_error(404)
+            return
+        start, range_header = 0, self.headers.get("Range")
+        if range_header and self.mode != "no_range":
+            start = int(range_header.removeprefix("bytes=").removesuffix("-"))
+            if start >= len(payload):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+        else:
+            self.send_response(200)
+        body = payload[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if self.mode == "cut" else body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[type[_Handler]]:
+    """A server on 127.0.0.1 only: downloads are tested without the internet."""
+    handler = type("Handler", (_Handler,), {"files": {}, "mode": "range", "requests": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler.base = f"http://127.0.0.1:{httpd.server_port}"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield handler
+    httpd.shutdown()
+    httpd.server_close()

@@ -1,7 +1,9 @@
 """The TFDS builder end to end: sources in, ArrayRecords out, nothing lost, nothing leaked."""
 
+import hashlib
 import io
 import pathlib
+import socket
 
 import numpy as np
 import pytest
@@ -107,10 +109,9 @@ def test_a_failed_prepare_leaves_the_previous_version_usable(tmp_path, monkeypat
     before = data.data_source(first["name"], "train", data_dir=data_dir)
     hashes = sorted(before[i]["content_hash"] for i in range(len(before)))
 
-    def crash(candidates, rejected):
+    def crash(*args, **kwargs):
         raise RuntimeError("disk full")
-        yield
-    monkeypatch.setattr(sources, "iter_decoded", crash)
+    monkeypatch.setattr(sources, "decode_all", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         data.prepare(f"folder:{root}", data_dir=data_dir, image_size=32)
     after = data.data_source(first["name"], "train", data_dir=data_dir)
@@ -141,19 +142,39 @@ def test_cli_reports_a_missing_folder_without_a_traceback(tmp_path, capsys):
     assert "nope: no such folder" in capsys.readouterr().err
 
 
-def test_medmnist_npz_keeps_its_splits(tmp_path):
+def test_medmnist_is_downloaded_verified_cached_and_keeps_its_splits(tmp_path, http_server,
+                                                                     monkeypatch):
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in (("train", 20), ("val", 4), ("test", 6)):
         arrays[f"{split}_images"] = rng.integers(0, 255, (n, 64, 64), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
-    path = tmp_path / sources.MEDMNIST_FILE
-    np.savez(path, **arrays)
-    scan = sources.scan_medmnist(path, 32)
-    assert {s: len(c) for s, c in scan.candidates.items()} == {"train": 20, "val": 4, "test": 6}
-    image, mask = scan.candidates["val"][1].load()
-    assert image.shape == (32, 32, 1) and not mask.any()
-    assert scan.candidates["val"][1].label == 1
+    npz = io.BytesIO()
+    np.savez(npz, **arrays)
+    http_server.files["/pneumoniamnist_224.npz"] = npz.getvalue()
+    monkeypatch.setattr(sources, "MEDMNIST_URL", f"{http_server.base}/pneumoniamnist_224.npz")
+    monkeypatch.setattr(sources, "MEDMNIST_MD5", hashlib.md5(npz.getvalue()).hexdigest())
+    report = data.prepare("medmnist", data_dir=tmp_path, image_size=32, validation_fraction=0.25)
+    counts = {s: sum(c.values()) for s, c in report["splits"].items()}
+    assert counts["train"] + counts["validation"] == 20 and 4 <= counts["validation"] <= 6
+    assert (counts["val"], counts["test"]) == (4, 6)
+    assert (tmp_path / "downloads" / sources.MEDMNIST_FILE).read_bytes() == npz.getvalue()
+    val = data.data_source(report["name"], "val", data_dir=tmp_path)
+    by_name = {val[i]["file_name"].decode(): val[i] for i in range(len(val))}
+    example = by_name[f"{sources.MEDMNIST_FILE}:val[1]"]
+    assert example["label"] == 1 and example["image"].shape == (32, 32, 1)
+    data.prepare("medmnist", data_dir=tmp_path, image_size=32, validation_fraction=0.25)
+    assert len(http_server.requests) == 1  # the second prepare used the cache
+
+
+def test_medmnist_offline_names_the_url_and_the_way_around(tmp_path, monkeypatch, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(sources, "MEDMNIST_URL", f"http://127.0.0.1:{port}/x.npz")
+    assert cli.main(["prepare", "--source", "medmnist", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}/x.npz" in err and "place it at" in err
 
 
 @needs_real_data
@@ -178,3 +199,19 @@ def test_ensure_prepared_reuses_matching_data_and_rebuilds_stale(tmp_path, monke
     data.ensure_prepared("synthetic", **{**kwargs, "synthetic_count": 12})
     assert len(calls) == 1
     assert builder.load_report(tmp_path, name)["files_read"] == 15
+
+
+def test_a_split_whose_files_are_all_rejected_is_left_out_with_a_note(tmp_path):
+    root = tmp_path / "kaggle"
+    _kaggle_folder(root)
+    (root / "test/PNEUMONIA/person99_virus_1.jpeg").write_text("not a jpeg")
+    report = data.prepare(f"folder:{root}", data_dir=tmp_path / "tfds", image_size=32)
+    assert "test" not in report["splits"]
+    assert any("'test'" in n and "every file was rejected" in n for n in report["notes"])
+
+
+def test_too_few_patients_for_a_validation_split_is_a_clear_error(tmp_path):
+    root = tmp_path / "kaggle"
+    _jpeg(root / "train/NORMAL/IM-0001-0001.jpeg")
+    with pytest.raises(ValueError, match="1 patient.* too few"):
+        data.prepare(f"folder:{root}", data_dir=tmp_path / "tfds", image_size=32)

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import random
 import socket
-import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,47 +16,10 @@ SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 HINT = "Download it yourself and place it at DEST."
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves PAYLOAD at /a.bin; `mode` is one of range, no_range, cut, 404."""
-
-    mode: str
-    requests: list[tuple[str, str | None]]
-    base: str
-
-    def do_GET(self) -> None:
-        self.requests.append((self.path, self.headers.get("Range")))
-        if self.path != "/a.bin" or self.mode == "404":
-            self.send_error(404)
-            return
-        start, range_header = 0, self.headers.get("Range")
-        if range_header and self.mode != "no_range":
-            start = int(range_header.removeprefix("bytes=").removesuffix("-"))
-            if start >= len(PAYLOAD):
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
-        else:
-            self.send_response(200)
-        body = PAYLOAD[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if self.mode == "cut" else body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def server() -> Iterator[type[_Handler]]:
-    handler = type("Handler", (_Handler,), {"mode": "range", "requests": []})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    handler.base = f"http://127.0.0.1:{httpd.server_port}"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield handler
-    httpd.shutdown()
-    httpd.server_close()
+def server(http_server):
+    http_server.files["/a.bin"] = PAYLOAD
+    return http_server
 
 
 def test_md5_then_cache(server, tmp_path):

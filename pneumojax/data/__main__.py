@@ -7,14 +7,11 @@ import json
 import sys
 
 from pneumojax.data import builder, stats
+from pneumojax.data.download import DownloadError
 
 
 def _format_report(report: dict) -> str:
-    rows = [f"Prepared {report['name']} at {report['path']}",
-            f"  {'split':<12}{'NORMAL':>8}{'PNEUMONIA':>11}{'total':>8}"]
-    for split, counts in report["splits"].items():
-        rows.append(f"  {split:<12}{counts['NORMAL']:>8}{counts['PNEUMONIA']:>11}"
-                    f"{sum(counts.values()):>8}")
+    rows = [f"Prepared {report['name']} at {report['path']}", *stats.split_table(report["splits"])]
     rows.append(f"Files read: {report['files_read']}, written: {report['written']}, "
                 f"rejected: {len(report['rejected'])}")
     rows += [f"  rejected {r['file']}: {r['reason']}" for r in report["rejected"]]
@@ -60,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=1) if args.json else
               "\n\n".join(stats.format_stats(r) for r in results))
         return 0
-    except (OSError, ValueError) as e:  # bad input: a message, not a traceback
+    except (OSError, ValueError, DownloadError) as e:  # bad input: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

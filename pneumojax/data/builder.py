@@ -94,15 +94,33 @@ class ChestXrayPneumonia(tfds.core.GeneratorBasedBuilder):
         self.scan = sources.scan(cfg.source, cfg.image_size,
                                  download_dir=pathlib.Path(dl_manager.download_dir),
                                  synthetic_count=cfg.synthetic_count, seed=cfg.seed)
-        splits = dict(self.scan.candidates)
+        splits = {}
+        for name, candidates in self.scan.candidates.items():
+            decoded = sources.decode_all(candidates, self.scan.rejected, desc=f"Decoding {name}")
+            if decoded:
+                splits[name] = decoded
+            else:
+                self.scan.notes.append(f"split {name!r}: every file was rejected; it is left out")
         if "train" in splits:
-            splits["train"], splits["validation"] = sources.split_by_patient(
-                splits["train"], cfg.validation_fraction, cfg.seed)
-        return {name: self._generate_examples(name, cands) for name, cands in splits.items()}
+            splits["train"], splits["validation"] = self._carve_validation(splits["train"])
+        return {name: self._generate_examples(name, items) for name, items in splits.items()}
 
-    def _generate_examples(self, split: str, candidates: list[sources.Candidate]):
+    def _carve_validation(self, decoded: list) -> tuple[list, list]:
+        cfg = self.builder_config
+        _, held_out = sources.split_by_patient([c for c, _, _ in decoded],
+                                               cfg.validation_fraction, cfg.seed)
+        held = {id(c) for c in held_out}
+        train = [d for d in decoded if id(d[0]) not in held]
+        validation = [d for d in decoded if id(d[0]) in held]
+        if not train or not validation:
+            patients = len({c.patient_id for c, _, _ in decoded})
+            raise ValueError(f"{cfg.source}: {patients} patient(s) in train are too few to carve "
+                             f"a patient-disjoint validation split of {cfg.validation_fraction}")
+        return train, validation
+
+    def _generate_examples(self, split: str, decoded: list):
         counts = self.written.setdefault(split, dict.fromkeys(sources.CLASSES, 0))
-        for c, image, mask in sources.iter_decoded(candidates, self.scan.rejected):
+        for c, image, mask in decoded:
             counts[sources.CLASSES[c.label]] += 1
             yield c.file_name, dict(image=image, lesion_mask=mask, label=c.label,
                                     patient_id=c.patient_id, file_name=c.file_name,

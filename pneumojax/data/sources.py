@@ -237,10 +237,17 @@ def split_by_patient(candidates: list[Candidate], fraction: float, seed: int
     return train, validation
 
 
-def iter_decoded(candidates: list[Candidate], rejected: list[Rejection]
-                 ) -> Iterator[tuple[Candidate, np.ndarray, np.ndarray]]:
-    """Decodes in a thread pool (PIL releases the GIL); failures go to `rejected`, in order."""
+def decode_all(candidates: list[Candidate], rejected: list[Rejection], desc: str = "Decoding"
+               ) -> list[tuple[Candidate, np.ndarray, np.ndarray]]:
+    """Decodes in a thread pool (PIL releases the GIL); failures go to `rejected`, in order.
+
+    Everything is decoded before any split is written, so that a split whose files are all
+    rejected can be left out (TFDS cannot write an empty split) and validation is carved from
+    images that really exist. At the prepared size this is small: Kermany at 224 px is 0.3 GB.
+    """
     from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
 
     def attempt(c: Candidate):
         try:
@@ -248,12 +255,13 @@ def iter_decoded(candidates: list[Candidate], rejected: list[Rejection]
         except images.ImageError as e:
             return e
 
-    chunk = 256  # bounds memory: only this many decoded images wait at once
+    decoded = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for start in range(0, len(candidates), chunk):
-            part = candidates[start:start + chunk]
-            for c, result in zip(part, pool.map(attempt, part)):
-                if isinstance(result, images.ImageError):
-                    rejected.append(Rejection(str(result.path), result.reason))
-                else:
-                    yield c, *result
+        results = pool.map(attempt, candidates)
+        for c, result in tqdm(zip(candidates, results), total=len(candidates), desc=desc,
+                              unit=" images"):
+            if isinstance(result, images.ImageError):
+                rejected.append(Rejection(str(result.path), result.reason))
+            else:
+                decoded.append((c, *result))
+    return decoded

@@ -44,12 +44,21 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def split_table(splits: dict[str, dict]) -> list[str]:
+    """Rows of class counts per split, with a patients column when the counts carry one."""
+    with_patients = all("patients" in c for c in splits.values())
+    rows = [f"  {'split':<12}{'NORMAL':>8}{'PNEUMONIA':>11}{'total':>8}"
+            + (f"{'patients':>10}" if with_patients else "")]
+    for split, c in splits.items():
+        rows.append(f"  {split:<12}{c['NORMAL']:>8}{c['PNEUMONIA']:>11}"
+                    f"{c['NORMAL'] + c['PNEUMONIA']:>8}"
+                    + (f"{c['patients']:>10}" if with_patients else ""))
+    return rows
+
+
 def format_stats(stats: dict) -> str:
     rows = [f"{stats['name']}  (source: {stats['settings']['source']})",
-            f"  {'split':<12}{'NORMAL':>8}{'PNEUMONIA':>11}{'total':>8}{'patients':>10}"]
-    for split, c in stats["splits"].items():
-        rows.append(f"  {split:<12}{c['NORMAL']:>8}{c['PNEUMONIA']:>11}{c['total']:>8}"
-                    f"{c['patients']:>10}")
+            *split_table(stats["splits"])]
     dup_files = sum(len(d) - 1 for d in stats["duplicate_groups"])
     rows.append(f"  duplicate images (same content hash): {len(stats['duplicate_groups'])} groups, "
                 f"{dup_files} redundant copies; across splits: "
