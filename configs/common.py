@@ -1,0 +1,47 @@
+"""Defaults shared by every model config; model files import this and change a few fields."""
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from pneumojax.data.augment import AugmentConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        name="deep_cnn",
+        dtype="float32",                 # "bfloat16": mixed precision, parameters stay float32
+        kwargs=ml_collections.ConfigDict(),  # passed to the model's constructor
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic",              # folder:PATH | medmnist | synthetic
+        data_dir=config_dict.placeholder(str),  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
+        image_size=64,
+        validation_fraction=0.1,
+        synthetic_count=1200,
+        num_workers=0,                   # grain worker processes; 0 reads in threads
+        device_resident=False,           # whole train split on the accelerator, no host work per step
+        augment=ml_collections.ConfigDict(dataclasses.asdict(AugmentConfig())),
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        seed=0,
+        batch_size=64,                   # global, over all devices and hosts
+        eval_batch_size=128,
+        epochs=10.0,
+        learning_rate=1e-3,
+        warmup_epochs=0.5,
+        end_lr_factor=0.01,              # cosine decay to learning_rate * end_lr_factor
+        weight_decay=1e-4,
+        grad_clip=1.0,                   # global norm
+        label_smoothing=0.0,
+        class_weights=True,              # inverse class frequency of the train split
+        eval_every=0,                    # steps between validation runs; 0 = once per epoch
+        log_every=20,
+        patience=5,                      # validation runs without a better ROC-AUC before stopping
+        threshold="youden",              # criterion for the decision threshold chosen on validation
+        num_devices=config_dict.placeholder(int),  # default: all devices
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(keep=2))
+    return c

@@ -1,0 +1,105 @@
+"""Orbax checkpoints: train state, grain iterator state and run metadata, saved together.
+
+A checkpoint is written to a temporary folder and renamed when complete, so a run killed
+mid-write leaves the previous one usable. The latest checkpoints are kept for resuming and the
+best one by validation ROC-AUC for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+BEST_METRIC = "roc_auc"
+
+
+def _keys_to_data(tree: Any) -> Any:
+    """Typed PRNG keys become raw uint32 data: orbax stores plain arrays."""
+    return jax.tree.map(
+        lambda x: jax.random.key_data(x)
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def _data_to_keys(restored: Any, like: Any) -> Any:
+    return jax.tree.map(
+        lambda r, l: jax.random.wrap_key_data(r, impl=jax.random.key_impl(l))
+        if isinstance(l, jax.Array) and jnp.issubdtype(l.dtype, jax.dtypes.prng_key) else r,
+        restored, like)
+
+
+class Checkpointer:
+    """`save`/`restore` of (state pytree, grain iterator, metadata dict) by step."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, read_only: bool = False):
+        self.directory = pathlib.Path(directory).absolute()
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(n=keep),
+            pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                     keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, cleanup_tmp_directories=True, read_only=read_only,
+            create=not read_only)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
+    def save(self, step: int, state: Any, meta: dict, *, metrics: dict | None = None,
+             data_iterator: Any = None) -> None:
+        items = {"state": ocp.args.StandardSave(_keys_to_data(state)),
+                 "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def resolve(self, which: str | int) -> int:
+        """'latest', 'best' (highest validation ROC-AUC, later step on ties) or a step number."""
+        steps = self.steps()
+        if not steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoints")
+        if which == "latest":
+            return steps[-1]
+        if which == "best":
+            scored = [(self.meta(s).get("validation", {}).get(BEST_METRIC), s) for s in steps]
+            scored = [(m, s) for m, s in scored if m is not None]
+            if not scored:
+                raise FileNotFoundError(f"{self.directory}: no checkpoint has validation metrics")
+            return max(scored)[1]
+        step = int(which)
+        if step not in steps:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint at step {step}; "
+                                    f"available: {steps}")
+        return step
+
+    def restore(self, step: int, like: Any, *, data_iterator: Any = None) -> tuple[Any, dict]:
+        """State shaped (and sharded) like `like`; the iterator, if given, is set in place."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(like))
+        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return _data_to_keys(restored["state"], like), restored["meta"]
+
+    def close(self) -> None:
+        self.manager.close()

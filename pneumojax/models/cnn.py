@@ -1,0 +1,138 @@
+"""Small from-scratch CNN baselines, and the input standardiser every model starts with.
+
+Both models follow the shared contract of `pneumojax.models`: float32 (B, H, W, C)
+images in [0, 1] in, `(logits (B,), intermediates)` out. The body runs in `dtype`
+(bf16 for mixed precision); pooling and the head run in float32, because they cost
+nothing and a bf16 logit would quantise the loss. Parameters are always float32.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import DTypeLike
+
+Intermediates = dict[str, jax.Array]
+
+
+class Standardize(nnx.Module):
+    """(x - mean) / std per channel, with the constants stored in the model.
+
+    They are plain `nnx.Variable`s, not `nnx.Param`s, so the optimizer never moves
+    them, yet they travel with checkpoints: pretrained weights come with their own
+    preprocessing and a model must not be restored with the wrong one.
+    """
+
+    def __init__(self, in_channels: int, mean: Sequence[float], std: Sequence[float]):
+        mean_arr = jnp.broadcast_to(jnp.asarray(mean, jnp.float32), (in_channels,))
+        std_arr = jnp.broadcast_to(jnp.asarray(std, jnp.float32), (in_channels,))
+        self.mean = nnx.Variable(mean_arr)
+        self.std = nnx.Variable(std_arr)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.mean.shape[0]:
+            raise ValueError(f"expected {self.mean.shape[0]} input channels, got shape {x.shape}")
+        return (x.astype(jnp.float32) - self.mean[...]) / self.std[...]
+
+
+def global_pool(x: jax.Array) -> jax.Array:
+    """Spatial mean in float32: bf16 cannot hold a sum over thousands of positions."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+    """2x2/2 max-pool; odd sizes drop the last row/column, as torch's MaxPool2d(2) does."""
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class ShallowCNN(nnx.Module):
+    """Three 3x3 conv + ReLU + 2x2 max-pool layers, widths (w, 2w, 4w), then GAP and a logit.
+
+    Deliberately without BatchNorm or dropout: the simplest baseline that can learn
+    the task, against which the deeper models must earn their cost.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        width: int = 32,
+        input_mean: Sequence[float] = (0.5,),
+        input_std: Sequence[float] = (0.25,),
+        dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.standardize = Standardize(in_channels, input_mean, input_std)
+        widths = (width, 2 * width, 4 * width)
+        self.convs = nnx.List([
+            nnx.Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=nnx.initializers.he_normal(),
+                     dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+            for c_in, c_out in zip((in_channels, *widths[:-1]), widths)
+        ])
+        self.head = nnx.Linear(widths[-1], 1, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, Intermediates]:
+        out: Intermediates = {}
+        x = self.standardize(x)
+        for i, conv in enumerate(self.convs):
+            x = out[f"block{i + 1}"] = max_pool2(nnx.relu(conv(x)))
+        x = out["pre_logits"] = global_pool(x)
+        return self.head(x)[:, 0].astype(jnp.float32), out
+
+
+class ConvBlock(nnx.Module):
+    """Two 3x3 conv + BatchNorm + ReLU, then a 2x2 max-pool (the classic VGG-style block)."""
+
+    def __init__(self, c_in: int, c_out: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
+        # No conv bias: the BatchNorm right after would cancel it.
+        conv = dict(kernel_size=(3, 3), padding="SAME", use_bias=False, dtype=dtype,
+                    param_dtype=jnp.float32, kernel_init=nnx.initializers.he_normal(), rngs=rngs)
+        bn = dict(momentum=0.9, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.conv1 = nnx.Conv(c_in, c_out, **conv)
+        self.bn1 = nnx.BatchNorm(c_out, **bn)
+        self.conv2 = nnx.Conv(c_out, c_out, **conv)
+        self.bn2 = nnx.BatchNorm(c_out, **bn)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = nnx.relu(self.bn2(self.conv2(x)))
+        return max_pool2(x)
+
+
+class DeepCNN(nnx.Module):
+    """Four `ConvBlock`s, GAP, then dense(hidden) + ReLU + Dropout and a logit.
+
+    `pre_logits` is the hidden layer after its ReLU, before dropout, so feature
+    extraction in eval mode and Grad-CAM see the same tensor the head reads.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        widths: Sequence[int] = (32, 64, 128, 256),
+        hidden: int = 128,
+        dropout: float = 0.5,
+        input_mean: Sequence[float] = (0.5,),
+        input_std: Sequence[float] = (0.25,),
+        dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.standardize = Standardize(in_channels, input_mean, input_std)
+        self.blocks = nnx.List([
+            ConvBlock(c_in, c_out, dtype=dtype, rngs=rngs)
+            for c_in, c_out in zip((in_channels, *widths[:-1]), widths)
+        ])
+        self.hidden = nnx.Linear(widths[-1], hidden, kernel_init=nnx.initializers.he_normal(),
+                                 param_dtype=jnp.float32, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.head = nnx.Linear(hidden, 1, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, Intermediates]:
+        out: Intermediates = {}
+        x = self.standardize(x)
+        for i, block in enumerate(self.blocks):
+            x = out[f"block{i + 1}"] = block(x)
+        x = out["pre_logits"] = nnx.relu(self.hidden(global_pool(x)))
+        return self.head(self.dropout(x))[:, 0].astype(jnp.float32), out

@@ -1,0 +1,333 @@
+"""Training: a pure jitted step over a ('data',) mesh, validation, checkpoints, early stopping.
+
+The NNX model is split once into a graph definition and a state pytree; the hot loop is a
+`jax.jit` function of plain pytrees, so no Python object graph is walked per step. The train
+state is a dict {params, rest, opt_state, step}: `rest` holds batch-norm statistics and the
+dropout RNG stream, and every per-step random number derives from (seed, step), so a resumed
+run repeats an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from pneumojax import checkpoint, metrics, models, plots, sharding
+from pneumojax import data as pdata
+from pneumojax.data import augment, builder
+
+State = dict[str, Any]
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
+    return models.create(config.model.name, in_channels=1, dtype=jnp.dtype(config.model.dtype),
+                         rngs=nnx.Rngs(params=seed, dropout=seed + 1), **config.model.kwargs)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
+    t = config.train
+    warmup = min(int(t.warmup_epochs * steps_per_epoch), total_steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, warmup, total_steps, end_value=t.learning_rate * t.end_lr_factor)
+    # No decay on biases and norm scales: only kernels (ndim > 1) are regularised.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    tx = optax.chain(optax.clip_by_global_norm(t.grad_clip),
+                     optax.adamw(schedule, weight_decay=t.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+def class_weights(counts: dict[str, int], enabled: bool) -> jax.Array:
+    """Inverse class frequency, normalised so a balanced set gets (1, 1)."""
+    n = np.array([counts["NORMAL"], counts["PNEUMONIA"]], np.float32)
+    if not enabled:
+        return jnp.ones(2)
+    if (n == 0).any():
+        raise ValueError(f"train split lacks a class: {counts}")
+    return jnp.asarray(n.sum() / (2 * n))
+
+
+def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                 smoothing: float = 0.0) -> jax.Array:
+    targets = labels.astype(jnp.float32) * (1 - smoothing) + smoothing / 2
+    per_example = optax.sigmoid_binary_cross_entropy(logits, targets)
+    w = weights[labels]
+    return jnp.sum(w * per_example) / jnp.sum(w)
+
+
+def make_steps(graphdef_train, graphdef_eval, tx, config, weights: jax.Array
+               ) -> tuple[Callable, Callable]:
+    """The pure train and eval steps, before jit."""
+    aug = augment.AugmentConfig(**config.data.augment)
+    dtype = jnp.dtype(config.model.dtype)
+    key = jax.random.key(config.train.seed)
+
+    def train_step(state: State, images: jax.Array, labels: jax.Array) -> tuple[State, dict]:
+        x = augment.augment_batch(images, jax.random.fold_in(key, state["step"]), aug)
+
+        def loss_fn(params):
+            # copy=True: fresh Variables in this trace; the split state holds the outer ones
+            model = nnx.merge(graphdef_train, params, state["rest"], copy=True)
+            logits, _ = model(x.astype(dtype))
+            loss = weighted_bce(logits, labels, weights, config.train.label_smoothing)
+            return loss, nnx.state(model, nnx.Not(nnx.Param))
+
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = dict(params=optax.apply_updates(state["params"], updates), rest=rest,
+                   opt_state=opt_state, step=state["step"] + 1)
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    def eval_step(state: State, images: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
+        logits, _ = model(augment.to_float(images).astype(dtype))
+        return jax.nn.sigmoid(logits)
+
+    return train_step, eval_step
+
+
+def predict(eval_step: Callable, state: State, source, mesh, batch_size: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, probabilities, indices) for every example of a split, each exactly once.
+
+    `eval_step` must return replicated probabilities; each host contributes its rows of the
+    padded global batch, so all hosts end up with the same full arrays.
+    """
+    from jax.experimental import multihost_utils
+
+    labels, probs, index = [], [], []
+    for batch in pdata.eval_batches(source, batch_size=batch_size):
+        images = sharding.global_batch({"image": batch["image"]}, mesh)["image"]
+        p = np.asarray(eval_step(state, images))
+        meta = {k: batch[k] for k in ("label", "valid", "index")}
+        if jax.process_count() > 1:
+            meta = multihost_utils.process_allgather(meta, tiled=True)
+        valid = np.asarray(meta["valid"])
+        labels.append(np.asarray(meta["label"])[valid])
+        probs.append(p[valid])
+        index.append(np.asarray(meta["index"])[valid])
+    return np.concatenate(labels), np.concatenate(probs), np.concatenate(index)
+
+
+class _Log:
+    """metrics.jsonl: one JSON line per record, appended, so a resumed run continues it."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        if jax.process_index() == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records a killed run wrote after its last checkpoint; they are redone."""
+        if jax.process_index() == 0 and self.path.exists():
+            kept = [r for r in self.read() if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _validation_metrics(labels, probs, criterion: str) -> dict:
+    threshold = metrics.choose_threshold(labels, probs, criterion)
+    m = metrics.classification_metrics(labels, probs, threshold)
+    return {k: v for k, v in m.items() if k != "confusion_matrix"} | {
+        "confusion_matrix": m["confusion_matrix"]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> State:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    Returns the final train state (of the last step, not the best checkpoint).
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "plots").mkdir(exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
+    c = config
+    mesh = sharding.make_mesh(c.train.num_devices)
+    sharding.check_batch_size(c.train.batch_size, mesh)
+    sharding.check_batch_size(c.train.eval_batch_size, mesh)
+
+    # Data: prepared once (by process 0 in a multi-host run), then read by every process.
+    name = builder.config_name(c.data.source, c.data.image_size)
+    if jax.process_index() == 0:
+        name = pdata.ensure_prepared(c.data.source, data_dir=c.data.data_dir,
+                                     image_size=c.data.image_size,
+                                     validation_fraction=c.data.validation_fraction,
+                                     seed=c.train.seed, synthetic_count=c.data.synthetic_count)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("data prepared")
+    report = builder.load_report(c.data.data_dir, name)
+    train_src = pdata.data_source(name, "train", data_dir=c.data.data_dir)
+    val_src = pdata.data_source(name, "validation", data_dir=c.data.data_dir)
+    steps_per_epoch = len(train_src) // c.train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {c.train.batch_size} exceeds the {len(train_src)} "
+                         "training examples")
+    total_steps = max(1, math.ceil(c.train.epochs * steps_per_epoch))
+    eval_every = c.train.eval_every or steps_per_epoch
+
+    # Model and optimizer, split once.
+    model = create_model(c, c.train.seed)
+    model.eval()
+    graphdef_eval = nnx.graphdef(model)
+    model.train()
+    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, schedule = make_optimizer(c, steps_per_epoch, total_steps)
+    weights = class_weights(report["splits"]["train"], c.train.class_weights)
+    state = dict(params=params, rest=rest, opt_state=tx.init(params), step=jnp.int32(0))
+    repl = sharding.replicated(mesh)
+    state = jax.device_put(state, repl)
+    train_step, eval_step = make_steps(graphdef_train, graphdef_eval, tx, c, weights)
+    batch_sh = sharding.batch_sharded(mesh)
+    eval_step = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
+
+    if c.data.device_resident:
+        resident = pdata.to_device(train_src, repl)
+        data_key = jax.random.key(c.train.seed + 2)
+
+        def step_fn(state, resident):
+            images, labels = pdata.device_batch(resident, data_key, state["step"],
+                                                c.train.batch_size)
+            images = jax.lax.with_sharding_constraint(images, batch_sh)
+            return train_step(state, images, jax.lax.with_sharding_constraint(labels, batch_sh))
+        jitted = jax.jit(step_fn, in_shardings=(repl, repl), out_shardings=(repl, repl),
+                         donate_argnums=0)
+        train_iter = None
+        next_step = lambda state: jitted(state, resident)
+    else:
+        train_iter = iter(pdata.train_dataset(train_src, batch_size=c.train.batch_size,
+                                              seed=c.train.seed, num_workers=c.data.num_workers))
+        jitted = jax.jit(lambda s, b: train_step(s, b["image"], b["label"]),
+                         in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
+                         donate_argnums=0)
+        next_step = lambda state: jitted(state, sharding.global_batch(next(train_iter), mesh))
+
+    # Resume: the latest checkpoint in the workdir, else from scratch.
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
+    log = _Log(workdir / "metrics.jsonl")
+    stopper = {"best_auc": -1.0, "best_step": 0, "evals_since_best": 0}
+    if (latest := ckpt.latest_step()) is not None:
+        state, meta = ckpt.restore(latest, state, data_iterator=train_iter)
+        stopper = meta["early_stopping"]
+        log.truncate_after(latest)
+        _say(f"resumed from the checkpoint at step {latest} in {ckpt.directory}")
+    start = int(state["step"])
+    if start >= total_steps or stopper["evals_since_best"] > c.train.patience:
+        _say(f"nothing to train: the run in {workdir} already finished; rewriting its summary")
+    else:
+        state = _loop(state, next_step, start, total_steps, eval_every, c, mesh, val_src,
+                      eval_step, schedule, ckpt, log, stopper, train_iter)
+    ckpt.wait()
+    _finish(c, workdir, ckpt, state, eval_step, mesh, val_src, log, report)
+    ckpt.close()
+    if train_iter is not None:
+        train_iter.close()
+    return state
+
+
+def _loop(state, next_step, start, total_steps, eval_every, c, mesh, val_src, eval_step,
+          schedule, ckpt, log, stopper, train_iter) -> State:
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step",
+               disable=jax.process_index() != 0)
+    pending, tick = [], time.perf_counter()
+    for step in range(start, total_steps):
+        state, m = next_step(state)
+        pending.append(m)
+        done = step + 1
+        is_eval = done % eval_every == 0 or done == total_steps
+        if done % c.train.log_every == 0 or is_eval:
+            values = jax.device_get(pending)
+            losses = np.array([v["loss"] for v in values])
+            if not np.isfinite(losses).all():
+                bad = done - len(values) + int(np.argmin(np.isfinite(losses)))
+                raise FloatingPointError(
+                    f"non-finite training loss at step {bad}; stopping. The last good "
+                    f"checkpoint (step {ckpt.latest_step()}) is intact in {ckpt.directory}")
+            now = time.perf_counter()
+            rate = len(values) * c.train.batch_size / (now - tick)
+            record = dict(step=done, split="train", loss=float(losses.mean()),
+                          grad_norm=float(np.mean([v["grad_norm"] for v in values])),
+                          learning_rate=float(schedule(done)), images_per_s=rate)
+            log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
+            pending, tick = [], now
+        bar.update(1)
+        if is_eval:
+            labels, probs, _ = predict(eval_step, state, val_src, mesh, c.train.eval_batch_size)
+            val = _validation_metrics(labels, probs, c.train.threshold)
+            log.write(dict(step=done, split="validation", **val))
+            if val["roc_auc"] > stopper["best_auc"]:
+                stopper.update(best_auc=val["roc_auc"], best_step=done, evals_since_best=0)
+            else:
+                stopper["evals_since_best"] += 1
+            meta = dict(step=done, validation=val, threshold=val["threshold"],
+                        early_stopping=stopper)
+            ckpt.save(done, state, meta, metrics={checkpoint.BEST_METRIC: val["roc_auc"]},
+                      data_iterator=train_iter)
+            bar.write(f"step {done}: validation roc_auc {val['roc_auc']:.4f} "
+                      f"accuracy {val['accuracy']:.4f} (threshold {val['threshold']:.3f})")
+            if stopper["evals_since_best"] > c.train.patience:
+                bar.write(f"early stop: no better validation ROC-AUC for "
+                          f"{c.train.patience} evaluations")
+                break
+            tick = time.perf_counter()
+    bar.close()
+    return state
+
+
+def patient_groups(source, indices: np.ndarray) -> np.ndarray:
+    """Patient id per predicted example, for bootstraps that resample whole patients."""
+    return np.array([source[int(i)]["patient_id"] for i in indices])
+
+
+def _finish(c, workdir: pathlib.Path, ckpt, state, eval_step, mesh, val_src, log, report) -> None:
+    """Scores the best checkpoint on validation: summary.json and plots."""
+    best = ckpt.resolve("best")
+    best_state, meta = ckpt.restore(best, state)
+    labels, probs, index = predict(eval_step, best_state, val_src, mesh,
+                                   c.train.eval_batch_size)
+    if jax.process_index() != 0:
+        return
+    thresholds = {"0.5": 0.5, "validation": meta["threshold"]}
+    summary = dict(
+        data=report["name"], best_step=best, threshold=meta["threshold"],
+        threshold_criterion=c.train.threshold, early_stopping=meta["early_stopping"],
+        validation=metrics.summarize(labels, probs, thresholds,
+                                     groups=patient_groups(val_src, index)))
+    train_records = [r for r in log.read() if r["split"] == "train"]
+    if train_records:
+        summary["images_per_s"] = float(np.median([r["images_per_s"] for r in train_records]))
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    out = workdir / "plots"
+    plots.learning_curves(log.read(), out / "learning_curves.png")
+    plots.roc({"validation": (labels, probs)}, out / "roc.png")
+    plots.precision_recall({"validation": (labels, probs)}, out / "precision_recall.png")
+    cm = metrics.confusion(labels, probs, meta["threshold"])
+    plots.confusion_matrix(cm, out / "confusion_matrix.png",
+                           title=f"validation, threshold {meta['threshold']:.3f} (step {best})")
+    plots.threshold_sweep(labels, probs, out / "threshold_sweep.png", marked=thresholds)
