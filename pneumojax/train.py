@@ -93,7 +93,7 @@ def make_steps(graphdef_train, graphdef_eval, tx, config, weights: jax.Array
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new = dict(params=optax.apply_updates(state["params"], updates), rest=rest,
                    opt_state=opt_state, step=state["step"] + 1)
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def eval_step(state: State, images: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
@@ -264,7 +264,7 @@ def _loop(state, next_step, start, total_steps, eval_every, c, mesh, val_src, ev
             values = jax.device_get(pending)
             losses = np.array([v["loss"] for v in values])
             if not np.isfinite(losses).all():
-                bad = done - len(values) + int(np.argmin(np.isfinite(losses)))
+                bad = done - len(values) + 1 + int(np.argmin(np.isfinite(losses)))
                 raise FloatingPointError(
                     f"non-finite training loss at step {bad}; stopping. The last good "
                     f"checkpoint (step {ckpt.latest_step()}) is intact in {ckpt.directory}")

@@ -1,0 +1,109 @@
+"""Killed runs: SIGKILL mid-training and mid-checkpoint, then the same command again."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.conftest import SYNTHETIC_COUNT, SYNTHETIC_SIZE
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EPOCHS = 12
+
+
+def cli(workdir, data_dir) -> list[str]:
+    """The exact command a user would re-run after a crash."""
+    overrides = dict(
+        model__kwargs__width=4, data__data_dir=str(data_dir), data__image_size=SYNTHETIC_SIZE,
+        data__synthetic_count=SYNTHETIC_COUNT, data__validation_fraction=0.25,
+        train__batch_size=8, train__eval_batch_size=16, train__epochs=float(EPOCHS),
+        train__log_every=1, train__eval_every=3, train__patience=1000)
+    return [sys.executable, "-m", "pneumojax.main", "--config", "configs/shallow_cnn.py",
+            f"--workdir={workdir}",
+            *(f"--config.{k.replace('__', '.')}={v}" for k, v in overrides.items())]
+
+
+def worker(workdir, data_dir, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "tests" / "train_worker.py"), "--workdir", str(workdir),
+            "--data-dir", str(data_dir), "--epochs", str(EPOCHS), *extra]
+
+
+def final_state(workdir: pathlib.Path) -> tuple[int, dict]:
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    return steps[-1], ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(steps[-1]) / "state")
+
+
+def losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    import jax
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "timed out waiting for the moment to kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic, tmp_path_factory):
+    """An uninterrupted run of the same command."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(cli(workdir, synthetic[0]), cwd=ROOT, check=True, capture_output=True)
+    return workdir
+
+
+def test_sigkill_mid_training_then_the_same_command_resumes_bit_identically(
+        synthetic, reference, tmp_path):
+    proc = subprocess.Popen(cli(tmp_path, synthetic[0]), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "checkpoints"
+    kill_when(proc, lambda: ckpts.is_dir() and any(
+        p.name.isdigit() and int(p.name) >= 9 for p in ckpts.iterdir()))
+    killed_at, _ = final_state(tmp_path)
+    ref_step, ref_state = final_state(reference)
+    assert killed_at < ref_step  # really mid-training
+    done = subprocess.run(cli(tmp_path, synthetic[0]), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from the checkpoint at step" in done.stderr + done.stdout
+    step, state = final_state(tmp_path)
+    assert step == ref_step
+    assert_identical(state, ref_state)
+    assert losses(tmp_path) == losses(reference)  # the log continues without gaps or repeats
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
+        synthetic, reference, tmp_path):
+    proc = subprocess.Popen(worker(tmp_path, synthetic[0], "--stall-on-save", "3"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, (tmp_path / "stalled").exists)
+    ckpts = tmp_path / "checkpoints"
+    assert [p for p in ckpts.iterdir() if "tmp" in p.name]  # a half-written checkpoint
+    committed = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert committed == [3, 6]  # the third save (step 9) never completed
+    done = subprocess.run(worker(tmp_path, synthetic[0]), cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    step, state = final_state(tmp_path)
+    ref_step, ref_state = final_state(reference)
+    assert step == ref_step
+    assert_identical(state, ref_state)

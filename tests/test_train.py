@@ -1,0 +1,90 @@
+"""Training end to end on tiny synthetic data: outputs, loss, NaN handling, resuming."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import shallow_cnn
+from pneumojax import checkpoint, train
+from pneumojax.data import builder
+from tests.conftest import SYNTHETIC_COUNT, SYNTHETIC_SIZE
+
+
+def tiny_config(data_dir, **train_overrides):
+    """A ShallowCNN on the session's 32 px synthetic set: seconds per run on a CPU."""
+    c = shallow_cnn.get_config()
+    c.model.kwargs.width = 4
+    c.data.data_dir = str(data_dir)
+    c.data.image_size = SYNTHETIC_SIZE
+    c.data.synthetic_count = SYNTHETIC_COUNT
+    c.data.validation_fraction = 0.25
+    c.train.batch_size = 8
+    c.train.eval_batch_size = 16
+    c.train.epochs = 2.0
+    c.train.log_every = 1
+    c.train.eval_every = 3
+    c.train.patience = 100
+    c.train.update(train_overrides)
+    return c
+
+
+def test_weighted_bce_matches_the_formula():
+    logits, labels = jnp.array([2.0, -1.0, 0.5]), jnp.array([1, 0, 0])
+    w = jnp.array([3.0, 1.0])  # NORMAL weighs three times PNEUMONIA
+    per = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
+    expected = (1 * per[0] + 3 * per[1] + 3 * per[2]) / 7
+    np.testing.assert_allclose(train.weighted_bce(logits, labels, w), expected, rtol=1e-6)
+    smoothed = train.weighted_bce(logits, labels, w, smoothing=0.2)
+    targets = jnp.array([0.9, 0.1, 0.1])
+    per = optax.sigmoid_binary_cross_entropy(logits, targets)
+    np.testing.assert_allclose(smoothed, (per[0] + 3 * per[1] + 3 * per[2]) / 7, rtol=1e-6)
+
+
+def test_class_weights_invert_the_train_frequencies():
+    w = train.class_weights({"NORMAL": 25, "PNEUMONIA": 75}, True)
+    np.testing.assert_allclose(w, [2.0, 2 / 3])
+    np.testing.assert_allclose(train.class_weights({"NORMAL": 1, "PNEUMONIA": 3}, False), [1, 1])
+    with pytest.raises(ValueError, match="lacks a class"):
+        train.class_weights({"NORMAL": 0, "PNEUMONIA": 3}, True)
+
+
+def test_a_run_writes_everything_a_user_looks_at(synthetic, tmp_path):
+    c = tiny_config(synthetic[0])
+    state = train.train_and_evaluate(c, tmp_path)
+    splits = builder.load_report(*synthetic)["splits"]
+    steps = 2 * (sum(splits["train"].values()) // 8)
+    assert int(state["step"]) == steps
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "shallow_cnn"
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, steps + 1))
+    assert [r["step"] for r in records if r["split"] == "validation"] == [
+        *range(3, steps + 1, 3), *([steps] if steps % 3 else [])]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    val = summary["validation"]
+    assert set(val) == {"0.5", "validation"}
+    assert val["validation"]["threshold"] == summary["threshold"]
+    assert val["0.5"]["n"] == sum(splits["validation"].values())  # every validation image
+    assert len(val["0.5"]["ci95"]["accuracy"]) == 2
+    pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
+    assert {"learning_curves.png", "roc.png", "confusion_matrix.png"} <= pngs
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
+    assert ckpt.resolve("best") == summary["best_step"] and ckpt.latest_step() == steps
+    assert ckpt.meta(summary["best_step"])["threshold"] == summary["threshold"]
+
+
+def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
+        synthetic, tmp_path, monkeypatch):
+    train.train_and_evaluate(tiny_config(synthetic[0], epochs=1.0), tmp_path)
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
+    last = ckpt.latest_step()
+    before = ckpt.meta(last)
+    monkeypatch.setattr(train, "weighted_bce", lambda *a, **k: jnp.float32(jnp.nan))
+    with pytest.raises(FloatingPointError,
+                       match=f"non-finite training loss at step {last + 1}.*step {last}"):
+        train.train_and_evaluate(tiny_config(synthetic[0], epochs=2.0), tmp_path)
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
+    assert ckpt.latest_step() == last and ckpt.meta(last) == before
