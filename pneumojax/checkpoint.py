@@ -20,18 +20,21 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 BEST_METRIC = "roc_auc"
 
 
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _keys_to_data(tree: Any) -> Any:
-    """Typed PRNG keys become raw uint32 data: orbax stores plain arrays."""
-    return jax.tree.map(
-        lambda x: jax.random.key_data(x)
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+    """Typed PRNG keys become raw uint32 data, concrete or abstract: orbax stores plain arrays."""
+    return jax.tree.map(lambda x: jax.eval_shape(jax.random.key_data, x) if
+                        isinstance(x, jax.ShapeDtypeStruct) and _is_key(x) else
+                        jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
 def _data_to_keys(restored: Any, like: Any) -> Any:
-    return jax.tree.map(
-        lambda r, l: jax.random.wrap_key_data(r, impl=jax.random.key_impl(l))
-        if isinstance(l, jax.Array) and jnp.issubdtype(l.dtype, jax.dtypes.prng_key) else r,
-        restored, like)
+    """Back to typed keys, of JAX's default implementation: every key here is made with it."""
+    return jax.tree.map(lambda r, l: jax.random.wrap_key_data(r) if _is_key(l) else r,
+                        restored, like)
 
 
 class Checkpointer:

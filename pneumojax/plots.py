@@ -13,6 +13,8 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from pneumojax import metrics
@@ -23,6 +25,10 @@ _STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.f
           "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
           "axes.spines.right": False}
 _SPLIT_COLORS = {"train": "tab:blue", "validation": "tab:orange", "test": "tab:green"}
+# Threshold markers: colours and dashes apart from the curves' red, blue and purple, since
+# chosen thresholds often lie close together.
+_MARK_COLORS = ("black", "tab:green", "tab:orange", "tab:brown", "tab:gray")
+_MARK_STYLES = ("--", "-.", ":")
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -76,12 +82,12 @@ def learning_curves(records: Sequence[Mapping], path: str | os.PathLike) -> Path
                     ax.plot(steps, values, marker=marker, markersize=3, label=split,
                             color=_color(split, index))
                     drawn = True
-            if drawn:
-                ax.legend()
-            else:
+            if not drawn:
                 ax.text(0.5, 0.5, f"no {key} logged yet", transform=ax.transAxes,
                         ha="center", va="center", color="0.4")
-            if key == "learning_rate" and drawn:
+                continue
+            ax.legend()
+            if key == "learning_rate":  # Rates like 3e-4 read better with a shared exponent.
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         fig.suptitle("Learning curves", fontsize=12)
         return _save(fig, path)
@@ -101,7 +107,8 @@ def roc(curves: Mapping[str, tuple], path: str | os.PathLike) -> Path:
                 ax.plot([], [], color=_color(name, index), label=f"{name}: one class only")
                 continue
             ax.plot(fpr, tpr, color=_color(name, index), linewidth=2, label=label)
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal", title="ROC curve",
+        # Limits just past [0, 1], so curves along an edge are not hidden under the spine.
+        ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title="ROC curve",
                xlabel="False positive rate (1 - specificity)",
                ylabel="True positive rate (sensitivity)")
         ax.legend(loc="lower right")
@@ -126,7 +133,8 @@ def precision_recall(curves: Mapping[str, tuple], path: str | os.PathLike) -> Pa
             prevalence = float(np.mean(labels))
             ax.axhline(prevalence, linestyle=":", color=color,
                        label=f"{name}: prevalence = {prevalence:.2f}")
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal", title="Precision-recall curve",
+        ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
+               title="Precision-recall curve",
                xlabel="Recall (sensitivity)", ylabel="Precision (PPV)")
         ax.legend(loc="lower left")
         return _save(fig, path)
@@ -163,14 +171,15 @@ def threshold_sweep(labels, probs, path: str | os.PathLike, *,
     grid = np.linspace(0, 1, 501)
     sweep = metrics.at_thresholds(labels, probs, grid)
     with matplotlib.rc_context(_STYLE):
-        fig = _figure(7.0, 4.5)
+        fig = _figure(8.5, 4.5)
         ax = fig.add_subplot()
         for key, label, color in (("sensitivity", "Sensitivity", "tab:red"),
                                   ("specificity", "Specificity", "tab:blue"),
                                   ("f1", "F1", "tab:purple")):
             ax.plot(grid, sweep[key], color=color, linewidth=2, label=label)
         for index, (name, t) in enumerate((marked or {}).items()):
-            ax.axvline(t, color=f"C{(index + 5) % 10}", linestyle="--",
+            ax.axvline(t, color=_MARK_COLORS[index % len(_MARK_COLORS)],
+                       linestyle=_MARK_STYLES[index % len(_MARK_STYLES)], linewidth=1.5,
                        label=f"{name} (t = {t:.3f})")
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="Threshold on P(PNEUMONIA)", ylabel="Value",
                title=f"Threshold sweep (n = {len(labels)}, {int(np.sum(labels))} positive)")
@@ -179,12 +188,13 @@ def threshold_sweep(labels, probs, path: str | os.PathLike, *,
 
 
 def image_grid(images, path: str | os.PathLike, *, titles: Sequence[str] | None = None,
-               overlays=None, ncols: int = 8, cmap: str = "jet", alpha: float = 0.4) -> Path:
+               overlays=None, ncols: int = 8, cmap: str = "jet", alpha: float = 0.6) -> Path:
     """Grayscale images (N, H, W[, 1]), uint8 or floats in [0, 1], in a grid; optional
-    heat maps (N, H, W) in [0, 1] drawn over them in `cmap` at `alpha`, with a colour bar.
+    heat maps (N, H, W) in [0, 1] drawn over them in `cmap`, with a colour bar.
 
-    Intensities are shown on a fixed scale (no per-image contrast stretch), so images
-    compare as the model sees them.
+    A heat map's opacity grows with its value up to `alpha`, so cold regions leave the
+    X-ray untinted and the anatomy under a Grad-CAM stays readable. Intensities are shown
+    on a fixed scale (no per-image contrast stretch), so images compare as the model sees them.
     """
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[-1] == 1:
@@ -211,9 +221,11 @@ def image_grid(images, path: str | os.PathLike, *, titles: Sequence[str] | None 
                 continue
             ax.imshow(images[index], cmap="gray", vmin=0, vmax=1)
             if overlays is not None:
-                heat = ax.imshow(overlays[index], cmap=cmap, vmin=0, vmax=1, alpha=alpha)
+                heat = np.clip(overlays[index], 0, 1)
+                ax.imshow(heat, cmap=cmap, vmin=0, vmax=1, alpha=alpha * heat)
             if titles is not None:
                 ax.set_title(titles[index], fontsize=8)
         if overlays is not None:
-            fig.colorbar(heat, ax=axes, shrink=0.8, label="heat")
+            scale = ScalarMappable(Normalize(0, 1), cmap)
+            fig.colorbar(scale, ax=axes, shrink=0.8, label="heat")
         return _save(fig, path)

@@ -40,6 +40,43 @@ def create_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
                          rngs=nnx.Rngs(params=seed, dropout=seed + 1), **config.model.kwargs)
 
 
+def build(config: ml_collections.ConfigDict) -> tuple[Any, Any, State]:
+    """(train graphdef, eval graphdef, {params, rest}): the model split once, both modes."""
+    model = create_model(config, config.train.seed)
+    model.eval()
+    graphdef_eval = nnx.graphdef(model)
+    model.train()
+    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef_train, graphdef_eval, dict(params=params, rest=rest)
+
+
+def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not a training workdir (no config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore(workdir: str | pathlib.Path, which: str | int = "best"
+            ) -> tuple[ml_collections.ConfigDict, Any, State, dict, int]:
+    """(config, eval graphdef, state, checkpoint metadata, step) of a run's checkpoint.
+
+    The state is restored onto shapes computed abstractly, so nothing is initialised twice.
+    """
+    config = load_config(workdir)
+    graphdef_eval = nnx.eval_shape(lambda: build(config))[1]
+
+    def init():
+        _, _, state = build(config)
+        tx, _ = make_optimizer(config, 1, 2)  # only the optimizer state's structure matters
+        return dict(state, opt_state=tx.init(state["params"]), step=jnp.int32(0))
+    ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", read_only=True)
+    step = ckpt.resolve(which)
+    state, meta = ckpt.restore(step, jax.eval_shape(init))
+    ckpt.close()
+    return config, graphdef_eval, state, meta, step
+
+
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
@@ -72,9 +109,8 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array,
     return jnp.sum(w * per_example) / jnp.sum(w)
 
 
-def make_steps(graphdef_train, graphdef_eval, tx, config, weights: jax.Array
-               ) -> tuple[Callable, Callable]:
-    """The pure train and eval steps, before jit."""
+def make_train_step(graphdef_train, tx, config, weights: jax.Array) -> Callable:
+    """The pure train step, before jit: augment on device, forward, loss, grads, optax."""
     aug = augment.AugmentConfig(**config.data.augment)
     dtype = jnp.dtype(config.model.dtype)
     key = jax.random.key(config.train.seed)
@@ -95,12 +131,26 @@ def make_steps(graphdef_train, graphdef_eval, tx, config, weights: jax.Array
                    opt_state=opt_state, step=state["step"] + 1)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
+    return train_step
+
+
+def make_eval_step(graphdef_eval, config) -> Callable:
+    """uint8 images -> P(PNEUMONIA), in inference mode, before jit."""
+    dtype = jnp.dtype(config.model.dtype)
+
     def eval_step(state: State, images: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
         logits, _ = model(augment.to_float(images).astype(dtype))
         return jax.nn.sigmoid(logits)
 
-    return train_step, eval_step
+    return eval_step
+
+
+def jit_eval_step(graphdef_eval, config, mesh) -> Callable:
+    """Batch sharded in, probabilities replicated out, so every host can read them all."""
+    repl = sharding.replicated(mesh)
+    return jax.jit(make_eval_step(graphdef_eval, config),
+                   in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=repl)
 
 
 def predict(eval_step: Callable, state: State, source, mesh, batch_size: int
@@ -192,19 +242,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     eval_every = c.train.eval_every or steps_per_epoch
 
     # Model and optimizer, split once.
-    model = create_model(c, c.train.seed)
-    model.eval()
-    graphdef_eval = nnx.graphdef(model)
-    model.train()
-    graphdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef_train, graphdef_eval, state = build(c)
     tx, schedule = make_optimizer(c, steps_per_epoch, total_steps)
     weights = class_weights(report["splits"]["train"], c.train.class_weights)
-    state = dict(params=params, rest=rest, opt_state=tx.init(params), step=jnp.int32(0))
+    state.update(opt_state=tx.init(state["params"]), step=jnp.int32(0))
     repl = sharding.replicated(mesh)
     state = jax.device_put(state, repl)
-    train_step, eval_step = make_steps(graphdef_train, graphdef_eval, tx, c, weights)
+    train_step = make_train_step(graphdef_train, tx, c, weights)
+    eval_step = jit_eval_step(graphdef_eval, c, mesh)
     batch_sh = sharding.batch_sharded(mesh)
-    eval_step = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
 
     if c.data.device_resident:
         resident = pdata.to_device(train_src, repl)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from configs import shallow_cnn
 from pneumojax import data
 
 # The real Kermany images sit next to the project root on development machines and in CI only.
@@ -22,6 +23,24 @@ needs_real_data = pytest.mark.skipif(
 
 SYNTHETIC_COUNT = 64
 SYNTHETIC_SIZE = 32
+
+
+def tiny_config(data_dir, **train_overrides):
+    """A ShallowCNN on the session's 32 px synthetic set: seconds per run on a CPU."""
+    c = shallow_cnn.get_config()
+    c.model.kwargs.width = 4
+    c.data.data_dir = str(data_dir)
+    c.data.image_size = SYNTHETIC_SIZE
+    c.data.synthetic_count = SYNTHETIC_COUNT
+    c.data.validation_fraction = 0.25
+    c.train.batch_size = 8
+    c.train.eval_batch_size = 16
+    c.train.epochs = 2.0
+    c.train.log_every = 1
+    c.train.eval_every = 3
+    c.train.patience = 100
+    c.train.update(train_overrides)
+    return c
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +106,15 @@ def http_server() -> Iterator[type[_Handler]]:
     yield handler
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic, tmp_path_factory) -> pathlib.Path:
+    """The workdir of a finished tiny DeepCNN run (batch norm and dropout state included)."""
+    from pneumojax import train
+    workdir = tmp_path_factory.mktemp("trained")
+    c = tiny_config(synthetic[0])
+    c.model.name = "deep_cnn"
+    c.model.kwargs = {"widths": (4, 4, 8, 8), "hidden": 8}
+    train.train_and_evaluate(c, workdir)
+    return workdir

@@ -1,4 +1,4 @@
-"""Tests for pneumojax.metrics: hand-computed cases, brute-force cross-checks, bootstrap behaviour."""
+"""Tests for pneumojax.metrics: hand-computed cases, brute-force cross-checks, the bootstrap."""
 
 import json
 import time
@@ -124,7 +124,8 @@ def test_at_thresholds_matches_confusion():
     for i, t in enumerate(thresholds):
         (tn, fp), (fn, tp) = metrics.confusion(labels, probs, t)
         assert (sweep["tn"][i], sweep["fp"][i], sweep["fn"][i], sweep["tp"][i]) == (tn, fp, fn, tp)
-        assert sweep["f1"][i] == pytest.approx(metrics.classification_metrics(labels, probs, t)["f1"])
+        f1 = metrics.classification_metrics(labels, probs, t)["f1"]
+        assert sweep["f1"][i] == pytest.approx(f1)
 
 
 def test_weighted_ranking_equals_explicit_resample():
@@ -132,7 +133,8 @@ def test_weighted_ranking_equals_explicit_resample():
     labels, probs = _random(100, decimals=1)
     counts = np.random.default_rng(1).integers(0, 4, (3, labels.size)).astype(np.float64)
     order, starts, _ = metrics._tie_groups(probs)
-    auc, ap = metrics._ranking_metrics(*metrics._group_counts(labels.astype(bool), counts, order, starts))
+    per_group = metrics._group_counts(labels.astype(bool), counts, order, starts)
+    auc, ap = metrics._ranking_metrics(*per_group)
     for row, w in enumerate(counts.astype(int)):
         y, p = np.repeat(labels, w), np.repeat(probs, w)
         assert auc[row] == pytest.approx(metrics.roc_auc(y, p), abs=1e-12)
@@ -228,6 +230,7 @@ def test_summarize():
     for name, t in (("0.5", 0.5), ("validation", 0.42)):
         entry = summary[name]
         assert entry["threshold"] == t
-        assert entry["ci95"] == metrics.bootstrap_intervals(labels, probs, t, n_boot=100, groups=groups)
+        intervals = metrics.bootstrap_intervals(labels, probs, t, n_boot=100, groups=groups)
+        assert entry["ci95"] == intervals
         assert entry["accuracy"] == metrics.classification_metrics(labels, probs, t)["accuracy"]
     json.dumps(summary)

@@ -8,28 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import shallow_cnn
 from pneumojax import checkpoint, train
 from pneumojax.data import builder
-from tests.conftest import SYNTHETIC_COUNT, SYNTHETIC_SIZE
-
-
-def tiny_config(data_dir, **train_overrides):
-    """A ShallowCNN on the session's 32 px synthetic set: seconds per run on a CPU."""
-    c = shallow_cnn.get_config()
-    c.model.kwargs.width = 4
-    c.data.data_dir = str(data_dir)
-    c.data.image_size = SYNTHETIC_SIZE
-    c.data.synthetic_count = SYNTHETIC_COUNT
-    c.data.validation_fraction = 0.25
-    c.train.batch_size = 8
-    c.train.eval_batch_size = 16
-    c.train.epochs = 2.0
-    c.train.log_every = 1
-    c.train.eval_every = 3
-    c.train.patience = 100
-    c.train.update(train_overrides)
-    return c
+from tests.conftest import tiny_config
 
 
 def test_weighted_bce_matches_the_formula():

@@ -32,7 +32,7 @@ def main() -> None:
 
     import grain
     from pneumojax import train
-    from tests.test_train import tiny_config
+    from tests.conftest import tiny_config
 
     if args.stall_on_save:
         handler, real_save, calls = grain.checkpoint.CheckpointHandler, None, [0]

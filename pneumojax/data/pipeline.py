@@ -96,7 +96,7 @@ def train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, num_wor
 class _Padded(Sequence):
     """This process's examples of each global batch, padded with blank `valid=False` ones."""
 
-    def __init__(self, source: ImageLabels, batch_size: int, pi: int, pc: int):
+    def __init__(self, source: Sequence[dict], batch_size: int, pi: int, pc: int):
         self.source, self.per_host, self.pi, self.pc = source, batch_size // pc, pi, pc
         self.length = math.ceil(len(source) / batch_size) * self.per_host
         self.blank = None
@@ -110,7 +110,7 @@ class _Padded(Sequence):
         if index < len(self.source):
             return {**self.source[index], "valid": True, "index": np.int64(index)}
         if self.blank is None:
-            self.blank = {"image": np.zeros(self.source.shape, np.uint8), "label": np.int32(0),
+            self.blank = {"image": np.zeros_like(self.source[0]["image"]), "label": np.int32(0),
                           "valid": False, "index": np.int64(-1)}
         return self.blank
 
@@ -119,13 +119,16 @@ def eval_batches(source: Sequence[dict], *, batch_size: int, process_index: int 
                  process_count: int | None = None) -> Iterator[dict]:
     """Every example exactly once, in order; the last batch is padded and `valid` masks it.
 
-    Batches carry `index`, each example's position in the split (-1 for padding), so that
-    predictions can be joined back to file names and patients.
+    `source` is a prepared split from `data_source`, or any sequence of {"image", "label"}
+    dicts (images decoded in memory). Batches carry `index`, each example's position in the
+    source (-1 for padding), so predictions can be joined back to file names and patients.
     """
     if len(source) == 0:
         raise ValueError("cannot evaluate on an empty split")
     pi, pc, per_host = _host_slice(batch_size, process_index, process_count)
-    padded = _Padded(ImageLabels(source), batch_size, pi, pc)
+    if hasattr(source, "data_source"):  # a TFDS source: parse only image and label
+        source = ImageLabels(source)
+    padded = _Padded(source, batch_size, pi, pc)
     return iter(grain.MapDataset.source(padded).batch(per_host))
 
 

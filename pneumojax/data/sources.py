@@ -98,9 +98,20 @@ def scan(source: str, image_size: int, *, download_dir: pathlib.Path,
 
 def scan_folder(root: pathlib.Path, image_size: int) -> Scan:
     """`root/{train,val,test}/{NORMAL,PNEUMONIA}/*`; any split may be missing."""
+    return _scan(root, image_size, SOURCE_SPLITS)
+
+
+def scan_class_folder(root: pathlib.Path, image_size: int) -> Scan:
+    """`root/{NORMAL,PNEUMONIA}/*`, one set of images, e.g. a test set to evaluate on."""
+    return _scan(root, image_size, None)
+
+
+def _scan(root: pathlib.Path, image_size: int, splits: tuple[str, ...] | None) -> Scan:
+    """With `splits=None` the folder is one split, named after the folder itself."""
+    layout = ("ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg" if splits
+              else "ROOT/{NORMAL,PNEUMONIA}/*.jpeg")
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the Kaggle layout "
-                                "ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg)")
+        raise FileNotFoundError(f"{root}: no such folder (expected the Kaggle layout {layout})")
     candidates: dict[str, list[Candidate]] = {}
     rejected: list[Rejection] = []
     notes: list[str] = []
@@ -108,7 +119,8 @@ def scan_folder(root: pathlib.Path, image_size: int) -> Scan:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         files_seen += 1
         parts = path.relative_to(root).parts
-        if reason := _layout_problem(parts):
+        parts = parts if splits else (root.name, *parts)
+        if reason := _layout_problem(parts, splits or (root.name,)):
             rejected.append(Rejection(str(path), reason))
             continue
         split, class_name = parts[0], parts[1]
@@ -124,21 +136,21 @@ def scan_folder(root: pathlib.Path, image_size: int) -> Scan:
             split=split, label=CLASSES.index(class_name), patient_id=pid or path.stem,
             file_name=str(path.relative_to(root)), content_hash=content_hash(data),
             load=_decoder(path, image_size)))
-    for split in SOURCE_SPLITS:
+    for split in splits or ():
         if (root / split).is_dir() and split not in candidates:
             notes.append(f"{root / split}: empty split, no images found; it is left out")
     if not candidates:
-        raise ValueError(f"{root}: no images found in any of {SOURCE_SPLITS}; "
+        raise ValueError(f"{root}: no images found in the layout {layout}; "
                          f"{len(rejected)} file(s) rejected")
     return Scan(candidates, rejected, notes, files_seen)
 
 
-def _layout_problem(parts: tuple[str, ...]) -> str | None:
+def _layout_problem(parts: tuple[str, ...], splits: tuple[str, ...]) -> str | None:
     name = parts[-1]
-    if name.startswith(".") or parts[0] == "__MACOSX":
+    if name.startswith(".") or "__MACOSX" in parts:
         return "stray system file, not an image"
-    if parts[0] not in SOURCE_SPLITS:
-        return f"unknown split folder {parts[0]!r}; expected one of {', '.join(SOURCE_SPLITS)}"
+    if parts[0] not in splits:
+        return f"unknown split folder {parts[0]!r}; expected one of {', '.join(splits)}"
     if len(parts) != 3:
         return (f"not in a class folder; expected {parts[0]}/NORMAL/ or {parts[0]}/PNEUMONIA/"
                 if len(parts) == 2 else "nested too deep; expected SPLIT/CLASS/FILE")
