@@ -199,13 +199,6 @@ class _Log:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _validation_metrics(labels, probs, criterion: str) -> dict:
-    threshold = metrics.choose_threshold(labels, probs, criterion)
-    m = metrics.classification_metrics(labels, probs, threshold)
-    return {k: v for k, v in m.items() if k != "confusion_matrix"} | {
-        "confusion_matrix": m["confusion_matrix"]}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> State:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -325,7 +318,8 @@ def _loop(state, next_step, start, total_steps, eval_every, c, mesh, val_src, ev
         bar.update(1)
         if is_eval:
             labels, probs, _ = predict(eval_step, state, val_src, mesh, c.train.eval_batch_size)
-            val = _validation_metrics(labels, probs, c.train.threshold)
+            val = metrics.classification_metrics(
+                labels, probs, metrics.choose_threshold(labels, probs, c.train.threshold))
             log.write(dict(step=done, split="validation", **val))
             if val["roc_auc"] > stopper["best_auc"]:
                 stopper.update(best_auc=val["roc_auc"], best_step=done, evals_since_best=0)

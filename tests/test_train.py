@@ -69,3 +69,18 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
         train.train_and_evaluate(tiny_config(synthetic[0], epochs=2.0), tmp_path)
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
     assert ckpt.latest_step() == last and ckpt.meta(last) == before
+
+
+def test_the_device_resident_path_trains_and_resumes(synthetic, tmp_path):
+    import shutil
+    c = tiny_config(synthetic[0])
+    c.data.device_resident = True
+    full = train.train_and_evaluate(c, tmp_path)
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
+    last, earlier = ckpt.steps()[-1], ckpt.steps()[-2]
+    ckpt.close()
+    shutil.rmtree(tmp_path / "checkpoints" / str(last))  # as if killed before the last save
+    resumed = train.train_and_evaluate(c, tmp_path)
+    assert earlier < last and int(resumed["step"]) == int(full["step"]) == last
+    for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"])):
+        np.testing.assert_array_equal(a, b)  # the batch order depends only on (seed, step)
