@@ -52,13 +52,13 @@ class Checkpointer:
             create=not read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(),  # it can restore a subset
                            "data": grain.checkpoint.CheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: Any, meta: dict, *, metrics: dict | None = None,
              data_iterator: Any = None) -> None:
-        items = {"state": ocp.args.StandardSave(_keys_to_data(state)),
+        items = {"state": ocp.args.PyTreeSave(_keys_to_data(state)),
                  "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -95,10 +95,17 @@ class Checkpointer:
                                     f"available: {steps}")
         return step
 
-    def restore(self, step: int, like: Any, *, data_iterator: Any = None) -> tuple[Any, dict]:
-        """State shaped (and sharded) like `like`; the iterator, if given, is set in place."""
+    def restore(self, step: int, like: Any, *, data_iterator: Any = None,
+                partial: bool = False) -> tuple[Any, dict]:
+        """State shaped (and sharded) like `like`; the iterator, if given, is set in place.
+
+        `partial`: `like` names a subset of the saved state (evaluation needs no optimizer).
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(like))
-        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        items = {"state": ocp.args.PyTreeRestore(
+                     abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                     partial_restore=partial),
+                 "meta": ocp.args.JsonRestore()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from pneumojax import checkpoint, metrics, models, plots, sharding
+from pneumojax import checkpoint, metrics, models, plots, sharding, transfer
 from pneumojax import data as pdata
 from pneumojax.data import augment, builder
 
@@ -40,9 +40,15 @@ def create_model(config: ml_collections.ConfigDict, seed: int) -> nnx.Module:
                          rngs=nnx.Rngs(params=seed, dropout=seed + 1), **config.model.kwargs)
 
 
-def build(config: ml_collections.ConfigDict) -> tuple[Any, Any, State]:
-    """(train graphdef, eval graphdef, {params, rest}): the model split once, both modes."""
+def build(config: ml_collections.ConfigDict, pretrained: bool = True) -> tuple[Any, Any, State]:
+    """(train graphdef, eval graphdef, {params, rest}): the model split once, both modes.
+
+    With `model.init = imagenet:SOURCE` the backbone starts from the cached ImageNet weights,
+    folded to one input channel; `pretrained=False` skips that when a checkpoint follows.
+    """
     model = create_model(config, config.train.seed)
+    if pretrained and config.model.init != "scratch":
+        _load_imagenet(model, config)
     model.eval()
     graphdef_eval = nnx.graphdef(model)
     model.train()
@@ -50,29 +56,62 @@ def build(config: ml_collections.ConfigDict) -> tuple[Any, Any, State]:
     return graphdef_train, graphdef_eval, dict(params=params, rest=rest)
 
 
+def _load_imagenet(model: nnx.Module, config: ml_collections.ConfigDict) -> None:
+    from pneumojax import weights
+    from pneumojax.weights import convert
+
+    kind, _, name = config.model.init.partition(":")
+    if kind != "imagenet" or config.model.name != "resnet50":
+        raise ValueError(f"model.init={config.model.init!r}: use scratch, or imagenet:SOURCE "
+                         f"with resnet50 (sources: {', '.join(weights.SOURCES)})")
+    tree, preprocessing, variant = weights.load(name)
+    if variant != config.model.kwargs.get("variant", "v1.5"):
+        raise ValueError(f"{name} weights are ResNet50 {variant}; add "
+                         f"--config.model.kwargs.variant={variant}")
+    convert.load_into(model, *convert.to_grayscale(tree, preprocessing))
+
+
+def train_graphdef(config: ml_collections.ConfigDict, frozen: frozenset[str]):
+    """The train-mode graph with batch norm of the frozen groups in inference mode."""
+    model = nnx.eval_shape(lambda: create_model(config, config.train.seed))
+    model.train()
+    transfer.freeze_batch_norm(model, frozen)
+    return nnx.graphdef(model)
+
+
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """A run's config; fields added to the defaults since the run was made get their defaults."""
+    from configs import common
+
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: not a training workdir (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = common.get_config()
+    _merge(config, json.loads(path.read_text()))
+    return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+            _merge(config[key], value)
+        else:
+            config[key] = value
 
 
 def restore(workdir: str | pathlib.Path, which: str | int = "best"
             ) -> tuple[ml_collections.ConfigDict, Any, State, dict, int]:
-    """(config, eval graphdef, state, checkpoint metadata, step) of a run's checkpoint.
+    """(config, eval graphdef, {params, rest, step}, checkpoint metadata, step) of a checkpoint.
 
-    The state is restored onto shapes computed abstractly, so nothing is initialised twice.
+    Only what inference needs is read, onto shapes computed abstractly: nothing is
+    initialised twice and the optimizer state is not touched.
     """
     config = load_config(workdir)
-    graphdef_eval = nnx.eval_shape(lambda: build(config))[1]
-
-    def init():
-        _, _, state = build(config)
-        tx, _ = make_optimizer(config, 1, 2)  # only the optimizer state's structure matters
-        return dict(state, opt_state=tx.init(state["params"]), step=jnp.int32(0))
+    graphdef_eval = nnx.eval_shape(lambda: build(config, pretrained=False))[1]
     ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", read_only=True)
     step = ckpt.resolve(which)
-    state, meta = ckpt.restore(step, jax.eval_shape(init))
+    like = jax.eval_shape(lambda: dict(build(config, pretrained=False)[2], step=jnp.int32(0)))
+    state, meta = ckpt.restore(step, like, partial=True)
     ckpt.close()
     return config, graphdef_eval, state, meta, step
 
@@ -88,7 +127,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, tota
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip),
                      optax.adamw(schedule, weight_decay=t.weight_decay, mask=decay_mask))
-    return tx, schedule
+    return transfer.optimizer(tx, config), schedule
 
 
 def class_weights(counts: dict[str, int], enabled: bool) -> jax.Array:
@@ -109,8 +148,13 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array,
     return jnp.sum(w * per_example) / jnp.sum(w)
 
 
-def make_train_step(graphdef_train, tx, config, weights: jax.Array) -> Callable:
-    """The pure train step, before jit: augment on device, forward, loss, grads, optax."""
+def make_train_step(graphdef_train, tx, config, weights: jax.Array,
+                    frozen: frozenset[str] = frozenset()) -> Callable:
+    """The pure train step, before jit: augment on device, forward, loss, grads, optax.
+
+    Gradients are taken of the trainable parameters only: frozen ones are constants, so no
+    backward pass runs through frozen layers below the lowest trainable one.
+    """
     aug = augment.AugmentConfig(**config.data.augment)
     dtype = jnp.dtype(config.model.dtype)
     key = jax.random.key(config.train.seed)
@@ -118,17 +162,19 @@ def make_train_step(graphdef_train, tx, config, weights: jax.Array) -> Callable:
     def train_step(state: State, images: jax.Array, labels: jax.Array) -> tuple[State, dict]:
         x = augment.augment_batch(images, jax.random.fold_in(key, state["step"]), aug)
 
-        def loss_fn(params):
+        trainable, fixed = transfer.split(state["params"], frozen)
+
+        def loss_fn(trainable):
             # copy=True: fresh Variables in this trace; the split state holds the outer ones
-            model = nnx.merge(graphdef_train, params, state["rest"], copy=True)
+            model = nnx.merge(graphdef_train, trainable, fixed, state["rest"], copy=True)
             logits, _ = model(x.astype(dtype))
             loss = weighted_bce(logits, labels, weights, config.train.label_smoothing)
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = dict(params=optax.apply_updates(state["params"], updates), rest=rest,
-                   opt_state=opt_state, step=state["step"] + 1)
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        params = nnx.merge_state(optax.apply_updates(trainable, updates), fixed)
+        new = dict(params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
@@ -234,43 +280,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     total_steps = max(1, math.ceil(c.train.epochs * steps_per_epoch))
     eval_every = c.train.eval_every or steps_per_epoch
 
-    # Model and optimizer, split once.
-    graphdef_train, graphdef_eval, state = build(c)
+    # Model, optimizer and checkpoints; what trains depends on the epoch (train.freeze).
+    _, graphdef_eval, state = build(c)
     tx, schedule = make_optimizer(c, steps_per_epoch, total_steps)
     weights = class_weights(report["splits"]["train"], c.train.class_weights)
-    state.update(opt_state=tx.init(state["params"]), step=jnp.int32(0))
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
+    latest = ckpt.latest_step()
+    frozen = (frozenset(ckpt.meta(latest).get("frozen", ())) if latest is not None
+              else transfer.frozen_groups(c, 0.0))
     repl = sharding.replicated(mesh)
-    state = jax.device_put(state, repl)
-    train_step = make_train_step(graphdef_train, tx, c, weights)
+    init_opt = lambda params, frozen: jax.device_put(
+        tx.init(transfer.split(params, frozen)[0]), repl)
+    state = jax.device_put(dict(state, step=jnp.int32(0)), repl)
+    state["opt_state"] = init_opt(state["params"], frozen)
     eval_step = jit_eval_step(graphdef_eval, c, mesh)
     batch_sh = sharding.batch_sharded(mesh)
+    train_iter = None if c.data.device_resident else iter(pdata.train_dataset(
+        train_src, batch_size=c.train.batch_size, seed=c.train.seed,
+        num_workers=c.data.num_workers))
+    resident = pdata.to_device(train_src, repl) if c.data.device_resident else None
 
-    if c.data.device_resident:
-        resident = pdata.to_device(train_src, repl)
-        data_key = jax.random.key(c.train.seed + 2)
+    def compile_step(frozen: frozenset[str]) -> Callable[[State], tuple[State, dict]]:
+        train_step = make_train_step(train_graphdef(c, frozen), tx, c, weights, frozen)
+        if resident is not None:
+            data_key = jax.random.key(c.train.seed + 2)
 
-        def step_fn(state, resident):
-            images, labels = pdata.device_batch(resident, data_key, state["step"],
-                                                c.train.batch_size)
-            images = jax.lax.with_sharding_constraint(images, batch_sh)
-            return train_step(state, images, jax.lax.with_sharding_constraint(labels, batch_sh))
-        jitted = jax.jit(step_fn, in_shardings=(repl, repl), out_shardings=(repl, repl),
-                         donate_argnums=0)
-        train_iter = None
-        next_step = lambda state: jitted(state, resident)
-    else:
-        train_iter = iter(pdata.train_dataset(train_src, batch_size=c.train.batch_size,
-                                              seed=c.train.seed, num_workers=c.data.num_workers))
+            def step_fn(state, resident):
+                images, labels = pdata.device_batch(resident, data_key, state["step"],
+                                                    c.train.batch_size)
+                return train_step(state, jax.lax.with_sharding_constraint(images, batch_sh),
+                                  jax.lax.with_sharding_constraint(labels, batch_sh))
+            jitted = jax.jit(step_fn, in_shardings=(repl, repl), out_shardings=(repl, repl),
+                             donate_argnums=0)
+            return lambda state: jitted(state, resident)
         jitted = jax.jit(lambda s, b: train_step(s, b["image"], b["label"]),
                          in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
                          donate_argnums=0)
-        next_step = lambda state: jitted(state, sharding.global_batch(next(train_iter), mesh))
+        return lambda state: jitted(state, sharding.global_batch(next(train_iter), mesh))
 
-    # Resume: the latest checkpoint in the workdir, else from scratch.
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
+    def rephase(state: State, step: int, frozen: frozenset[str], next_step: Callable | None
+                ) -> tuple[State, frozenset[str], Callable]:
+        """The step function for `step`; at an unfreezing epoch the thawed groups get fresh
+        optimizer state (the others keep theirs) and the step is compiled anew."""
+        new = transfer.frozen_groups(c, step / steps_per_epoch)
+        if next_step is not None and new == frozen:
+            return state, frozen, next_step
+        if new != frozen:
+            fresh = init_opt(state["params"], new)
+            state = dict(state, opt_state=transfer.graft(fresh, state["opt_state"]))
+            _say(f"step {step}: frozen groups now {', '.join(sorted(new)) or 'none'}")
+        return state, new, compile_step(new)
+
+    # Resume: the latest checkpoint in the workdir, else from scratch (or ImageNet).
     log = _Log(workdir / "metrics.jsonl")
     stopper = {"best_auc": -1.0, "best_step": 0, "evals_since_best": 0}
-    if (latest := ckpt.latest_step()) is not None:
+    if latest is not None:
         state, meta = ckpt.restore(latest, state, data_iterator=train_iter)
         stopper = meta["early_stopping"]
         log.truncate_after(latest)
@@ -279,8 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if start >= total_steps or stopper["evals_since_best"] > c.train.patience:
         _say(f"nothing to train: the run in {workdir} already finished; rewriting its summary")
     else:
-        state = _loop(state, next_step, start, total_steps, eval_every, c, mesh, val_src,
-                      eval_step, schedule, ckpt, log, stopper, train_iter)
+        state = _loop(state, start, total_steps, eval_every, c, mesh, val_src, eval_step,
+                      schedule, ckpt, log, stopper, train_iter, frozen, rephase)
     ckpt.wait()
     _finish(c, workdir, ckpt, state, eval_step, mesh, val_src, log, report)
     ckpt.close()
@@ -289,12 +353,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return state
 
 
-def _loop(state, next_step, start, total_steps, eval_every, c, mesh, val_src, eval_step,
-          schedule, ckpt, log, stopper, train_iter) -> State:
+def _loop(state, start, total_steps, eval_every, c, mesh, val_src, eval_step, schedule, ckpt,
+          log, stopper, train_iter, frozen, rephase) -> State:
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step",
                disable=jax.process_index() != 0)
+    next_step = None
     pending, tick = [], time.perf_counter()
     for step in range(start, total_steps):
+        state, frozen, next_step = rephase(state, step, frozen, next_step)
         state, m = next_step(state)
         pending.append(m)
         done = step + 1
@@ -326,7 +392,7 @@ def _loop(state, next_step, start, total_steps, eval_every, c, mesh, val_src, ev
             else:
                 stopper["evals_since_best"] += 1
             meta = dict(step=done, validation=val, threshold=val["threshold"],
-                        early_stopping=stopper)
+                        early_stopping=stopper, frozen=sorted(frozen))
             ckpt.save(done, state, meta, metrics={checkpoint.BEST_METRIC: val["roc_auc"]},
                       data_iterator=train_iter)
             bar.write(f"step {done}: validation roc_auc {val['roc_auc']:.4f} "

@@ -66,12 +66,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves `files` by path, with Range support; `mode` is one of range, no_range, cut, 404."""
 
     files: dict[str, bytes]
+    redirects: dict[str, tuple[str, dict[str, str]]]  # path -> (location, extra headers)
     mode: str
     requests: list[tuple[str, str | None]]
     base: str
 
-    def do_GET(self) -> None:
+    def do_HEAD(self) -> None:
+        self.do_GET(body=False)
+
+    def do_GET(self, body: bool = True) -> None:
         self.requests.append((self.path, self.headers.get("Range")))
+        if self.path in self.redirects:  # as the Hugging Face hub answers for LFS files
+            location, headers = self.redirects[self.path]
+            self.send_response(302)
+            for k, v in {"Location": location, "Content-Length": "0", **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            return
         payload = self.files.get(self.path)
         if payload is None or self.mode == "404":
             self.send_error(404)
@@ -86,10 +97,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
         else:
             self.send_response(200)
-        body = payload[start:]
-        self.send_header("Content-Length", str(len(body)))
+        data = payload[start:]
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(body[: len(body) // 2] if self.mode == "cut" else body)
+        if body:
+            self.wfile.write(data[: len(data) // 2] if self.mode == "cut" else data)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -98,7 +110,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server() -> Iterator[type[_Handler]]:
     """A server on 127.0.0.1 only: downloads are tested without the internet."""
-    handler = type("Handler", (_Handler,), {"files": {}, "mode": "range", "requests": []})
+    handler = type("Handler", (_Handler,), {"files": {}, "redirects": {}, "mode": "range",
+                                            "requests": []})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     handler.base = f"http://127.0.0.1:{httpd.server_port}"
     thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
