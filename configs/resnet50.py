@@ -1,10 +1,14 @@
-r"""ResNet50 (torchvision topology, v1.5), 224 px.
+r"""ResNet50 (torchvision topology, v1.5), 224 px, fine-tuned from ImageNet.
 
-    python -m pneumojax.main --config configs/resnet50.py
-    python -m pneumojax.main --config configs/resnet50.py:demo    # synthetic data, < 3 min on a CPU
+    python -m pneumojax.weights fetch resnet50 --source torchvision-v2   # once
+    python -m pneumojax.main --config configs/resnet50.py --config.data.source=folder:PATH
+    python -m pneumojax.main --config configs/resnet50.py:demo    # synthetic, scratch, < 3 CPU min
 
-On several GPUs the same command uses all of them; `--config.model.dtype=bfloat16` for mixed
-precision.
+Other weights: `--config.model.init=imagenet:timm-a1` (or torchvision-v1), or
+`imagenet:keras --config.model.kwargs.variant=v1`; `--config.model.init=scratch` trains from
+random weights. `--config.train.freeze=backbone` extracts features, `progressive` unfreezes
+stage4, stage3, ... at `train.unfreeze_epochs`. On several GPUs the same command uses all of
+them; `--config.model.dtype=bfloat16` for mixed precision.
 """
 
 from configs import common
@@ -17,8 +21,13 @@ def get_config(arg: str | None = None):
     c.data.image_size = 224
     c.train.batch_size = 64
     c.train.epochs = 20.0
-    c.train.learning_rate = 1e-3
+    c.model.init = "imagenet:torchvision-v2"
+    c.train.learning_rate = 3e-4
+    # Discriminative learning rates: generic early features move least.
+    c.train.lr_multipliers.update(dict(stem=0.1, stage1=0.1, stage2=0.3, stage3=0.5))
     if arg == "demo":  # a narrow ResNet50 on 64 px phantoms: learns in under 3 CPU minutes
+        c.model.init = "scratch"
+        c.train.lr_multipliers.update(dict(stem=1.0, stage1=1.0, stage2=1.0, stage3=1.0))
         c.data.source = "synthetic"
         c.data.synthetic_count = 400
         c.data.image_size = 64
