@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
         c.model.kwargs.width = 8
         c.train.batch_size = 32
         c.train.eval_batch_size = 64
-        c.train.epochs = 18.0
+        c.train.epochs = 20.0
         c.train.learning_rate = 3e-3
         c.train.log_every = 5
     elif arg:
