@@ -1,7 +1,6 @@
 """Killed runs: SIGKILL mid-training and mid-checkpoint, then the same command again."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """The synthetic phantoms: deterministic, any size, lesions only where the masks say."""
 
-import time
 
 import numpy as np
 import pytest

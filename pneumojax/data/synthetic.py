@@ -33,11 +33,12 @@ def _waves(rng: np.random.Generator, count: int, fmin: float, fmax: float) -> np
                      rng.uniform(0.5, 1.0, count)], axis=1).astype(np.float32)
 
 
-def _wave_field(waves: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Sum of the waves in [-1, 1] on the grid: cos(a + b) = cos a cos b - sin a sin b, a matmul."""
+def _wave_field(waves: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Sum of the waves in [-scale, scale] on the grid: cos(a + b) = cos a cos b - sin a sin b,
+    so a matmul of a column and a row factor."""
     fx, fy, phase, amp = waves.T
     ax, by = _TAU * fx * x.reshape(-1, 1) + phase, _TAU * fy * y.reshape(-1, 1)
-    xs = np.concatenate([np.cos(ax), -np.sin(ax)], 1) * np.tile(amp / amp.sum(), 2)
+    xs = np.concatenate([np.cos(ax), -np.sin(ax)], 1) * np.tile(amp * (scale / amp.sum()), 2)
     return np.concatenate([np.cos(by), np.sin(by)], 1) @ xs.T
 
 
@@ -75,21 +76,22 @@ def _anatomy(rng: np.random.Generator) -> dict:
         heart=(mid + _jitter(rng, 0.06, 0.01), _jitter(rng, 0.64, 0.012),
                _jitter(rng, 0.145, 0.01), _jitter(rng, 0.11, 0.008)),
         rib_top=_jitter(rng, 0.1, 0.01), rib_gap=_jitter(rng, 0.075, 0.003),
+        rib_bend=_jitter(rng, 2.2, 0.2),
         tissue=_jitter(rng, 0.55, 0.03), depth=_jitter(rng, 0.45, 0.03),
-        mottle=_waves(rng, 4, 0.5, 2.0))
+        mottle=_waves(rng, 4, 0.5, 2.0), markings=_waves(rng, 6, 6, 16))
     return anat | dict(sites=_sites(anat))
 
 
 def _lung(lung: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Air fraction of one lung: thickest mid-field, a wobbly egg (apex narrow, base wide)
-    cut below by the diaphragm dome, which leaves the costophrenic angles low and sharp."""
+    """Air fraction of one lung: a chord through a wobbly egg (apex narrow, base wide), cut
+    below by the diaphragm dome, which leaves the costophrenic angles low and sharp."""
     def shape(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         dy = (y - lung["cy"]) / lung["ry"]
         inv_rx = 1 / (lung["rx"] * (1 + lung["flare"] * np.clip(dy, -1, 1)))
         dx = x - lung["cx"]
-        r2 = (dx * inv_rx) ** 2 + dy * dy + 0.08 * _wave_field(lung["waves"], x, y)
-        dome = np.clip((lung["dome"] + 2.5 * dx * dx - y) / 0.02, 0, 1)
-        return np.sqrt(np.clip(1 - r2, 0, 1)) * _inside(r2, 0.1) * dome
+        r2 = (dx * inv_rx) ** 2 + (dy * dy + _wave_field(lung["waves"], x, y, 0.08))
+        dome = np.clip(50 * (lung["dome"] + 2.5 * dx * dx) - 50 * y, 0, 1)
+        return np.sqrt(np.clip(1 - r2, 0, 1)) * dome
     return shape
 
 
@@ -146,27 +148,25 @@ def _lesion(anat: dict, rng: np.random.Generator, x: np.ndarray, y: np.ndarray
     return (rows, cols), out
 
 
-def _ribs(anat: dict, d: np.ndarray, y: np.ndarray, offset: float, slope: float, bend: float
-          ) -> np.ndarray:
-    """Bright bands along y = top + offset + slope d + bend d^2, wider apart going down.
-
-    The band phase is a column (warped y) minus a row (the arc), so it costs a few passes.
-    """
-    v = y - (anat["rib_top"] + offset)
-    q = ((v - 0.2 * v * v) - (slope * d + bend * d * d)) * np.float32(1 / anat["rib_gap"])
+def _ribs(anat: dict, d: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Posterior ribs: bright arcs y = top - 0.25 d + bend d^2 (d from the spine), rising a
+    little then falling laterally, wider apart going down. The band phase is a column (warped
+    y) minus a row (the arc), so a rib cage costs a few passes."""
+    v = y - anat["rib_top"]
+    q = (v - 0.2 * v * v + (0.25 * d - anat["rib_bend"] * d * d)) * np.float32(1 / anat["rib_gap"])
     p = q - np.floor(q) - 0.5
     band = np.maximum(1 - 25 * p * p, 0)
     return band * band
 
 
 def _bones(anat: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Ribs (posterior arcs, fainter anterior ones sloping the other way) and clavicles."""
+    """Ribs inside the thoracic cage, from the spine outwards, and the clavicles."""
     mid = anat["mid"]
     out = np.zeros((y.size, x.size), np.float32)
     _stamp(out, x, y, (mid - 0.44, mid + 0.44, 0.04, 0.8), lambda x, y: (
-        (_inside(((x - mid) / 0.4) ** 2, 0.3) * _inside(((y - 0.42) / 0.36) ** 2, 0.3))
-        * (_ribs(anat, np.abs(x - mid), y, 0.0, -0.25, 2.2)
-           + 0.4 * _ribs(anat, np.abs(x - mid), y, 0.25, -0.45, 0.0))))
+        (_inside(((x - mid) / 0.4) ** 2, 0.3) * np.clip(30 * np.abs(x - mid) - 1, 0, 1)
+         * _inside(((y - 0.42) / 0.36) ** 2, 0.3))
+        * _ribs(anat, np.abs(x - mid), y)))
     _stamp(out, x, y, (mid - 0.32, mid + 0.32, 0.0, 0.22), lambda x, y: 1.4 * (
         np.exp(-((y - 0.14 + 0.25 * np.abs(x - mid) - 0.3 * (x - mid) ** 2) / 0.014) ** 2)
         * (_inside(((x - mid) / 0.3) ** 2, 0.5) * (np.abs(x - mid) > 0.035))))
@@ -186,7 +186,7 @@ def _render(anat: dict, rng: np.random.Generator, size: int, pneumonia: bool
     air, med = _fields(anat, x, y)
     lung = air > _LUNG_LEVEL
     mask = np.zeros((size, size), bool)
-    fill = np.zeros((size, size), np.float32)
+    fill = _wave_field(anat["markings"], x, y, 0.04) + np.float32(0.04)  # vessels, interstitium
     for _ in range(rng.integers(1, 4) if pneumonia else 0):
         window, opacity = _lesion(anat, rng, x, y)
         mask[window] |= opacity > _MASK_LEVEL
@@ -195,13 +195,15 @@ def _render(anat: dict, rng: np.random.Generator, size: int, pneumonia: bool
 
     d = np.abs(x - anat["mid"])
     width = 0.14 + 0.34 * np.sqrt(np.clip((y + 0.02) / 0.22, 0, 1))  # neck into shoulders
-    body = np.sqrt(np.clip(1 - (d / width) ** 2, 0, 1)) * _inside(((y - 0.5) / 0.6) ** 8, 0.5)
-    spine = _inside((d / 0.03) ** 2, 0.8) * (0.8 + 0.2 * np.cos((_TAU / 0.055) * y))
+    body = np.sqrt(np.clip(1 - (d * (1 / width)) ** 2, 0, 1)) * _inside(((y - 0.5) / 0.6) ** 8, 0.5)
+    spine = (0.04 * _inside((d / 0.03) ** 2, 0.8)) * (0.8 + 0.2 * np.cos((_TAU / 0.055) * y))
 
     np.minimum(fill, 0.9, out=fill)
-    att = anat["tissue"] * body
-    att += 0.12 * med + 0.04 * spine + 0.03 + 0.04 * _wave_field(anat["mottle"], x, y)
-    att += 0.1 * body * _bones(anat, x, y)
+    att = _wave_field(anat["mottle"], x, y, 0.04)  # uneven exposure and build
+    att += 0.03
+    att += (anat["tissue"] + 0.1 * _bones(anat, x, y)) * body
+    att += 0.12 * med
+    att += spine
     att -= anat["depth"] * air * (1 - fill)
     image = np.exp(att * np.float32(-2.2 * rng.uniform(0.92, 1.08)))  # film response, in grey levels:
     image *= -270                                                      # 270 (1 - exp(-k att))

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for name, src in weights.SOURCES.items():
                 cached = weights.is_cached(name, cache=args.cache_dir)
-                print(f"{name:<16}{src.variant:<6}{src.top1:>8} top-1  "
-                      f"{'cached' if cached else 'not cached'}  {src.url}")
+                print(f"{name:<16}{src.variant:<6}top-1 {src.top1:<10}"
+                      f"{'cached' if cached else 'not cached':<12}{src.url}")
             return 0
     except (OSError, ValueError, ImportError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
