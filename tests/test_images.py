@@ -205,3 +205,41 @@ def test_resize_matches_decoding_at_size():
     decoded = images.decode_grayscale(png.getvalue(), "x.png", size=48)
     np.testing.assert_array_equal(images.resize(grey, 48), decoded)
     np.testing.assert_array_equal(images.resize(grey[:, :, None], 48), decoded)
+
+
+def _dicom(tmp_path, pixels, photometric, window=None):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 12, 11
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, photometric
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path = tmp_path / f"{photometric}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_monochrome1_is_inverted_and_the_window_applied(tmp_path):
+    ramp = np.tile(np.linspace(0, 4000, 64).astype(np.uint16), (48, 1))
+    mono2 = read_grayscale(_dicom(tmp_path, ramp, "MONOCHROME2"))
+    mono1 = read_grayscale(_dicom(tmp_path, ramp, "MONOCHROME1"))
+    assert mono2.shape == (48, 64) and mono2[0, 0] == 0 and mono2[0, -1] == 255
+    np.testing.assert_array_equal(mono1, 255 - mono2)  # bone bright in both
+    windowed = read_grayscale(_dicom(tmp_path / "..", ramp, "MONOCHROME2", window=(1000, 500)))
+    assert (windowed[:, ramp[0] < 700] == 0).all() and (windowed[:, ramp[0] > 1300] == 255).all()
+
+
+def test_a_broken_dicom_names_the_file(tmp_path):
+    path = tmp_path / "broken.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI")
+    _rejects(path, "unreadable DICOM")

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MIN_SIDE: int = 32
 MAX_PIXELS: int = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS.
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png", ".dcm"})
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # SOFn markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
@@ -130,6 +130,9 @@ def decode_grayscale(
         raise ValueError(f"size must be a positive int or None, got {size}")
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
+    if _is_dicom(data):
+        image = _dicom_to_uint8(data, name)
+        return image if size is None else _squash(Image.fromarray(image), size)
     header = _header_size(data)
     if header is not None and header[0] * header[1] > MAX_PIXELS:
         _check_size(name, *header)  # Only the bomb limit; PIL's parsed size decides the rest.
@@ -161,6 +164,34 @@ def decode_grayscale(
     except ValueError as e:  # A mode PIL decodes but cannot convert, e.g. LAB.
         raise ImageError(name, f"cannot convert mode {im.mode} to grayscale ({e})") from e
     return np.array(im, dtype=np.uint8) if size is None else _squash(im, size)
+
+
+def _is_dicom(data: bytes) -> bool:
+    return data[128:132] == b"DICM"  # the Part 10 preamble is 128 bytes, then the magic
+
+
+def _dicom_to_uint8(data: bytes, name: str | os.PathLike) -> np.ndarray:
+    """DICOM as a radiologist sees it: modality and VOI LUT (or window) applied, MONOCHROME1
+    inverted so bone is bright, then the displayed range mapped to 0..255."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as e:
+        raise ImageError(name, "DICOM needs pydicom: pip install pydicom") from e
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        pixels = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for broken files
+        raise ImageError(name, f"unreadable DICOM ({type(e).__name__}: {e})") from e
+    if pixels.ndim != 2:
+        raise ImageError(name, f"DICOM pixel data of shape {pixels.shape}; expected one 2-D frame")
+    _check_size(name, pixels.shape[1], pixels.shape[0])
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    lo, hi = values.min(), values.max()
+    scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.rint(scaled * 255).astype(np.uint8)
 
 
 def _squash(im: Image.Image, size: int) -> np.ndarray:

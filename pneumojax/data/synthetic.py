@@ -1,12 +1,10 @@
 """Synthetic chest-X-ray phantoms: the built-in demo and test data set. No real patient.
 
-All geometry lives in normalised [0, 1] patient coordinates (x to the image's right, y down),
-so one seed renders the same scene at 32 px or 224 px. Every example depends only on
-(seed, patient, image), so any one can be regenerated alone, without its predecessors.
-A PNEUMONIA image carries 1-3 consolidations whose thresholded opacity is the mask.
-
-Speed (a few ms at 224 px) comes from separable grids: x is a (1, S) row and y an (S, 1)
-column (pose is zoom and shift; rotation is left to augmentation), waves and lesions are outer
+Geometry lives in normalised [0, 1] patient coordinates (x to the image's right, y down), so
+one seed renders the same scene at 32 or 224 px; an example depends only on (seed, patient,
+image), so any one regenerates alone. PNEUMONIA images carry 1-3 consolidations, masked.
+Speed (a few ms at 224 px) comes from separable grids, x a (1, S) row and y an (S, 1) column
+(pose is zoom and shift; rotation is left to augmentation): waves and lesions are outer
 products, and each organ is drawn only inside its bounding box.
 """
 
@@ -19,7 +17,6 @@ import numpy as np
 _MASK_LEVEL = 0.35  # fraction of a lesion's peak opacity that the mask marks
 _LUNG_LEVEL = 0.3  # air fraction above which a point counts as lung field
 _SITE_GRID = 64  # cells per side of the grid that lesion centres are drawn from
-_TAU = np.float32(2 * np.pi)
 
 
 def _jitter(rng: np.random.Generator, value: float, sd: float) -> float:
@@ -27,19 +24,23 @@ def _jitter(rng: np.random.Generator, value: float, sd: float) -> float:
 
 
 def _waves(rng: np.random.Generator, count: int, fmin: float, fmax: float) -> np.ndarray:
-    """Random plane waves (fx, fy, phase, amplitude): resolution-free smooth noise."""
+    """Random plane waves, resolution-free smooth noise, as rows (wx, wy, phase x, phase y, amp).
+
+    cos(a + b) = cos a cos b + cos(a + pi/2) cos(b - pi/2), so each wave is two rows and a
+    field is one matmul of a column factor by a row factor.
+    """
     freq, angle = rng.uniform(fmin, fmax, count), rng.uniform(0, 2 * np.pi, count)
-    return np.stack([freq * np.cos(angle), freq * np.sin(angle), rng.uniform(0, 2 * np.pi, count),
-                     rng.uniform(0.5, 1.0, count)], axis=1).astype(np.float32)
+    phase, amp = rng.uniform(0, 2 * np.pi, count), rng.uniform(0.5, 1.0, count)
+    rows = np.stack([2 * np.pi * freq * np.cos(angle), 2 * np.pi * freq * np.sin(angle),
+                     phase, np.zeros(count), amp / amp.sum()], axis=1)
+    return np.concatenate([rows, rows + [0, 0, np.pi / 2, -np.pi / 2, 0]]).astype(np.float32)
 
 
 def _wave_field(waves: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """Sum of the waves in [-scale, scale] on the grid: cos(a + b) = cos a cos b - sin a sin b,
-    so a matmul of a column and a row factor."""
-    fx, fy, phase, amp = waves.T
-    ax, by = _TAU * fx * x.reshape(-1, 1) + phase, _TAU * fy * y.reshape(-1, 1)
-    xs = np.concatenate([np.cos(ax), -np.sin(ax)], 1) * np.tile(amp * (scale / amp.sum()), 2)
-    return np.concatenate([np.cos(by), np.sin(by)], 1) @ xs.T
+    """Sum of the waves on the grid, in [-scale, scale]."""
+    wx, wy, px, py, amp = waves.T
+    xs = np.cos(wx * x.reshape(-1, 1) + px) * (amp * np.float32(scale))
+    return np.cos(wy * y.reshape(-1, 1) + py) @ xs.T
 
 
 def _inside(r2: np.ndarray, edge: float) -> np.ndarray:
@@ -66,20 +67,18 @@ def _stamp(out: np.ndarray, x: np.ndarray, y: np.ndarray, box: tuple[float, floa
 def _anatomy(rng: np.random.Generator) -> dict:
     """One patient's build: lung, heart and rib geometry, jittered around an average chest."""
     mid = 0.5 + _jitter(rng, 0.0, 0.01)
-    lungs = [dict(cx=mid + side * _jitter(rng, 0.195, 0.01), cy=_jitter(rng, 0.45, 0.012),
-                  rx=_jitter(rng, 0.15, 0.008), ry=_jitter(rng, 0.33, 0.012),
-                  flare=_jitter(rng, 0.4, 0.05), dome=_jitter(rng, 0.72 + 0.04 * side, 0.015),
-                  waves=_waves(rng, 3, 0.8, 2.5))
+    lungs = [{"cx": mid + side * _jitter(rng, 0.195, 0.01), "cy": _jitter(rng, 0.45, 0.012),
+              "rx": _jitter(rng, 0.15, 0.008), "ry": _jitter(rng, 0.33, 0.012),
+              "flare": _jitter(rng, 0.4, 0.05), "dome": _jitter(rng, 0.72 + 0.04 * side, 0.015),
+              "waves": _waves(rng, 3, 0.8, 2.5)}
              for side in (-1, 1)]  # the image-left lung (patient's right) sits on a higher dome
-    anat = dict(
-        lungs=lungs, mid=mid,
-        heart=(mid + _jitter(rng, 0.06, 0.01), _jitter(rng, 0.64, 0.012),
-               _jitter(rng, 0.145, 0.01), _jitter(rng, 0.11, 0.008)),
-        rib_top=_jitter(rng, 0.1, 0.01), rib_gap=_jitter(rng, 0.075, 0.003),
-        rib_bend=_jitter(rng, 2.2, 0.2),
-        tissue=_jitter(rng, 0.55, 0.03), depth=_jitter(rng, 0.45, 0.03),
-        mottle=_waves(rng, 4, 0.5, 2.0), markings=_waves(rng, 6, 6, 16))
-    return anat | dict(sites=_sites(anat))
+    return {"lungs": lungs, "mid": mid,
+            "heart": (mid + _jitter(rng, 0.06, 0.01), _jitter(rng, 0.64, 0.012),
+                      _jitter(rng, 0.145, 0.01), _jitter(rng, 0.11, 0.008)),
+            "rib_top": _jitter(rng, 0.1, 0.01), "rib_gap": _jitter(rng, 0.075, 0.003),
+            "rib_bend": _jitter(rng, 2.2, 0.2),
+            "tissue": _jitter(rng, 0.55, 0.03), "depth": _jitter(rng, 0.45, 0.03),
+            "mottle": _waves(rng, 4, 0.5, 2.0), "markings": _waves(rng, 6, 6, 16)}
 
 
 def _lung(lung: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -90,7 +89,7 @@ def _lung(lung: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         inv_rx = 1 / (lung["rx"] * (1 + lung["flare"] * np.clip(dy, -1, 1)))
         dx = x - lung["cx"]
         r2 = (dx * inv_rx) ** 2 + (dy * dy + _wave_field(lung["waves"], x, y, 0.08))
-        dome = np.clip(50 * (lung["dome"] + 2.5 * dx * dx) - 50 * y, 0, 1)
+        dome = np.clip(50 * (lung["dome"] + 2.5 * dx * dx) - 50 * y, 0, 1)  # a 0.02 ramp
         return np.sqrt(np.clip(1 - r2, 0, 1)) * dome
     return shape
 
@@ -110,17 +109,18 @@ def _fields(anat: dict, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     for lung in anat["lungs"]:
         half = 1.1 * lung["rx"] * (1 + lung["flare"])
         _stamp(air, x, y, (lung["cx"] - half, lung["cx"] + half,
-                           lung["cy"] - 1.1 * lung["ry"], lung["cy"] + 1.1 * lung["ry"]), _lung(lung))
+                           lung["cy"] - 1.1 * lung["ry"], lung["cy"] + 1.1 * lung["ry"]),
+               _lung(lung))
     return air * (1 - med), med
 
 
 def _sites(anat: dict) -> np.ndarray:
     """Candidate lesion centres: a coarse grid eroded 3 cells (0.047) into the lung fields, so a
     lesion's centre pixel is lung at any size and no PNEUMONIA mask is ever empty."""
-    g = ((np.arange(_SITE_GRID, dtype=np.float32) + 0.5) / _SITE_GRID)
+    g = (np.arange(_SITE_GRID, dtype=np.float32) + 0.5) / _SITE_GRID
     ok = np.pad(_fields(anat, g[None, :], g[:, None])[0] > _LUNG_LEVEL, 3)
-    n = _SITE_GRID
-    ok = np.all([ok[3 + i:3 + i + n, 3 + j:3 + j + n] for i in range(-3, 4) for j in range(-3, 4)], 0)
+    for _ in range(2):  # erode along rows, then (transposed) along columns
+        ok = np.logical_and.reduce([ok[k:k + len(ok) - 6] for k in range(7)]).T
     rows, cols = np.nonzero(ok)
     return np.stack([g[cols], g[rows]], 1)
 
@@ -128,10 +128,10 @@ def _sites(anat: dict) -> np.ndarray:
 def _lesion(anat: dict, rng: np.random.Generator, x: np.ndarray, y: np.ndarray
             ) -> tuple[tuple[slice, slice], np.ndarray]:
     """One consolidation, peak about 1: a few gaussian lobes (outer products) with a wavy edge.
-
-    Returns the window it covers (its lobes to 3.5 sigma) and its opacity there.
-    """
-    cx, cy = anat["sites"][rng.integers(len(anat["sites"]))] + rng.uniform(-0.5, 0.5, 2) / _SITE_GRID
+    Returns the window it covers (its lobes to 3.5 sigma) and its opacity there."""
+    if "sites" not in anat:  # once per patient, on first need: NORMAL patients never pay
+        anat["sites"] = _sites(anat)
+    cx, cy = rng.choice(anat["sites"]) + rng.uniform(-0.5, 0.5, 2) / _SITE_GRID
     lobes = rng.integers(2, 5)
     dx, dy = rng.normal(0, 0.035, (2, lobes))
     dx[0] = dy[0] = 0
@@ -153,7 +153,8 @@ def _ribs(anat: dict, d: np.ndarray, y: np.ndarray) -> np.ndarray:
     little then falling laterally, wider apart going down. The band phase is a column (warped
     y) minus a row (the arc), so a rib cage costs a few passes."""
     v = y - anat["rib_top"]
-    q = (v - 0.2 * v * v + (0.25 * d - anat["rib_bend"] * d * d)) * np.float32(1 / anat["rib_gap"])
+    arc = 0.25 * d - anat["rib_bend"] * d * d
+    q = (v - 0.2 * v * v + arc) * np.float32(1 / anat["rib_gap"])
     p = q - np.floor(q) - 0.5
     band = np.maximum(1 - 25 * p * p, 0)
     return band * band
@@ -175,11 +176,11 @@ def _bones(anat: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _render(anat: dict, rng: np.random.Generator, size: int, pneumonia: bool
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image, mask, lung field bool): this image's pose, lesions and noise on a patient's anatomy."""
+    """(image, mask, lung field bool): one image's pose, lesions and noise on a patient's build."""
     if size < 32:
         raise ValueError(f"phantoms need size >= 32, got {size}")
     u = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-    zoom, (sx, sy), breath = rng.uniform(0.96, 1.04), rng.uniform(-0.02, 0.02, 2), rng.uniform(0.97, 1.03)
+    zoom, breath, sx, sy = rng.uniform([0.96, 0.97, -0.02, -0.02], [1.04, 1.03, 0.02, 0.02])
     x = (u / np.float32(zoom) + np.float32(0.5 + sx))[None, :]
     y = (u / np.float32(zoom * breath) + np.float32(0.5 + sy))[:, None]
 
@@ -195,21 +196,19 @@ def _render(anat: dict, rng: np.random.Generator, size: int, pneumonia: bool
 
     d = np.abs(x - anat["mid"])
     width = 0.14 + 0.34 * np.sqrt(np.clip((y + 0.02) / 0.22, 0, 1))  # neck into shoulders
-    body = np.sqrt(np.clip(1 - (d * (1 / width)) ** 2, 0, 1)) * _inside(((y - 0.5) / 0.6) ** 8, 0.5)
-    spine = (0.04 * _inside((d / 0.03) ** 2, 0.8)) * (0.8 + 0.2 * np.cos((_TAU / 0.055) * y))
+    body = np.sqrt(np.clip(1 - (d * (1 / width)) ** 2, 0, 1))
+    body *= _inside(((y - 0.5) / 0.6) ** 8, 0.5)
+    spine = (0.04 * _inside((d / 0.03) ** 2, 0.8)) * (0.8 + 0.2 * np.cos(np.float32(2 * np.pi / 0.055) * y))
 
     np.minimum(fill, 0.9, out=fill)
-    att = _wave_field(anat["mottle"], x, y, 0.04)  # uneven exposure and build
-    att += 0.03
+    att = _wave_field(anat["mottle"], x, y, 0.04) + np.float32(0.03)  # uneven exposure, build
     att += (anat["tissue"] + 0.1 * _bones(anat, x, y)) * body
     att += 0.12 * med
     att += spine
     att -= anat["depth"] * air * (1 - fill)
-    image = np.exp(att * np.float32(-2.2 * rng.uniform(0.92, 1.08)))  # film response, in grey levels:
-    image *= -270                                                      # 270 (1 - exp(-k att))
-    image += 270
-    # Irwin-Hall noise from raw generator bytes, ~4x cheaper than rng.standard_normal:
-    # three uniform bytes sum to a near-Gaussian, one more is a uniform speckle.
+    image = 270 * (1 - np.exp(att * np.float32(-2.2 * rng.uniform(0.92, 1.08))))  # film, exposure
+    # Irwin-Hall noise from raw generator bytes, several times cheaper than standard_normal:
+    # three uniform bytes sum to a near-Gaussian (sd 4 grey levels), one more is a 3% speckle.
     raw = np.asarray(rng.bit_generator.random_raw(-(-size * size // 2)), "<u8").view(np.uint8)
     noise = raw[: 4 * size * size].reshape(4, size, size)
     image *= 1 + (0.03 / 73.9) * (noise[3] - np.float32(127.5))  # speckle
@@ -219,13 +218,15 @@ def _render(anat: dict, rng: np.random.Generator, size: int, pneumonia: bool
 
 
 def phantom(rng: np.random.Generator, size: int, pneumonia: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One image. Returns (image uint8 (size, size, 1), mask uint8 (size, size, 1) with values in {0, 1})."""
+    """One image. Returns (image uint8 (size, size, 1), mask uint8 (size, size, 1) in {0, 1})."""
     image, mask, _ = _render(_anatomy(rng), rng, size, pneumonia)
     return image, mask
 
 
-def examples(count: int, size: int, seed: int, *, pneumonia_fraction: float = 0.5) -> Iterator[dict]:
-    """Yields exactly `count` dicts: {"image", "mask", "label" (int 0=NORMAL, 1=PNEUMONIA), "patient_id" (str), "file_name" (str)}.
+def examples(count: int, size: int, seed: int, *, pneumonia_fraction: float = 0.5
+             ) -> Iterator[dict]:
+    """Yields exactly `count` dicts: {"image", "mask", "label" (int 0=NORMAL, 1=PNEUMONIA),
+    "patient_id" (str), "file_name" (str)}.
 
     Patients hold 1-3 images sharing label and anatomy; the label is drawn per patient.
     Patient p draws from rng [seed, p, 0], its j-th image (j from 1) from [seed, p, j].
@@ -241,7 +242,8 @@ def examples(count: int, size: int, seed: int, *, pneumonia_fraction: float = 0.
         anat = _anatomy(prng)
         patient_id = f"synthetic-{patient:06d}"
         for j in range(1, n_images + 1):
-            image, mask, _ = _render(anat, np.random.default_rng([seed, patient, j]), size, bool(label))
-            yield dict(image=image, mask=mask, label=label, patient_id=patient_id,
-                       file_name=f"{patient_id}-{j}.png")
+            rng = np.random.default_rng([seed, patient, j])
+            image, mask, _ = _render(anat, rng, size, bool(label))
+            yield {"image": image, "mask": mask, "label": label, "patient_id": patient_id,
+                   "file_name": f"{patient_id}-{j}.png"}
         done, patient = done + n_images, patient + 1
