@@ -194,7 +194,7 @@ def test_image_error_pickles():
 
 
 def test_suffixes():
-    assert images.IMAGE_SUFFIXES == {".jpeg", ".jpg", ".png"}
+    assert images.IMAGE_SUFFIXES == {".jpeg", ".jpg", ".png", ".dcm"}
 
 
 def test_resize_matches_decoding_at_size():
