@@ -229,3 +229,28 @@ def image_grid(images, path: str | os.PathLike, *, titles: Sequence[str] | None 
             scale = ScalarMappable(Normalize(0, 1), cmap)
             fig.colorbar(scale, ax=axes, shrink=0.8, label="heat")
         return _save(fig, path)
+
+
+def heatmap_overlay(image, heat, path: str | os.PathLike, *, title: str = "",
+                    level: float = 0.5, cmap: str = "jet", alpha: float = 0.6) -> Path:
+    """One X-ray three ways: as it is, with the heat map over it, and with the heat map's
+    `level` contour, so a reader can check the anatomy under the hot region."""
+    image = np.asarray(image, np.float64)
+    image = image / 255.0 if image.max() > 1 else image
+    heat = np.clip(np.asarray(heat, np.float64), 0, 1)
+    if heat.shape != image.shape:
+        raise ValueError(f"heat map {heat.shape} must match the image {image.shape}")
+    with matplotlib.rc_context({**_STYLE, "axes.grid": False}):
+        fig = _figure(3 * 3.2 * image.shape[1] / image.shape[0] + 0.8, 3.6)
+        axes = fig.subplots(1, 3)
+        for ax, name in zip(axes, ("image", "heat map", f"contour at {level:g}")):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(name, fontsize=9)
+            ax.set_axis_off()
+        axes[1].imshow(heat, cmap=cmap, vmin=0, vmax=1, alpha=alpha * heat)
+        if heat.max() > level:
+            axes[2].contour(heat, levels=[level], colors="red", linewidths=1.2)
+        fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes, shrink=0.8, label="heat")
+        if title:
+            fig.suptitle(title, fontsize=10)
+        return _save(fig, path)
