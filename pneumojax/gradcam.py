@@ -107,15 +107,15 @@ _COMBINE = {"gradcam": _gradcam, "gradcam++": _gradcam_pp, "hirescam": _hirescam
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef: nnx.GraphDef, layer: str, target: str, method: str):
     def run(params: nnx.State, rest: nnx.State, images: jax.Array) -> dict:
-        logits, a, g = activation_gradients(graphdef, dict(params=params, rest=rest), images,
+        logits, a, g = activation_gradients(graphdef, {"params": params, "rest": rest}, images,
                                             layer=layer, target=target)
         raw = nnx.relu(_COMBINE[method](a.astype(jnp.float32), g.astype(jnp.float32)))
         maps = jax.image.resize(raw, images.shape[:3], "bilinear")
         # Scaled by the peak, not min-max stretched: zero stays "no evidence", so the share
         # of a map's mass inside a region is not inflated by subtracting a floor.
         peak = maps.max(axis=(1, 2), keepdims=True)
-        return dict(raw=raw, maps=maps / jnp.where(peak > 0, peak, 1),
-                    probability=jax.nn.sigmoid(logits), score=TARGETS[target] * logits)
+        return {"raw": raw, "maps": maps / jnp.where(peak > 0, peak, 1),
+                "probability": jax.nn.sigmoid(logits), "score": TARGETS[target] * logits}
 
     return jax.jit(run)
 

@@ -24,11 +24,8 @@ def _jitter(rng: np.random.Generator, value: float, sd: float) -> float:
 
 
 def _waves(rng: np.random.Generator, count: int, fmin: float, fmax: float) -> np.ndarray:
-    """Random plane waves, resolution-free smooth noise, as rows (wx, wy, phase x, phase y, amp).
-
-    cos(a + b) = cos a cos b + cos(a + pi/2) cos(b - pi/2), so each wave is two rows and a
-    field is one matmul of a column factor by a row factor.
-    """
+    """Random plane waves, resolution-free smooth noise, as rows (wx, wy, phase x, phase y, amp):
+    cos(a + b) = cos a cos b + cos(a + pi/2) cos(b - pi/2) makes each wave two separable rows."""
     freq, angle = rng.uniform(fmin, fmax, count), rng.uniform(0, 2 * np.pi, count)
     phase, amp = rng.uniform(0, 2 * np.pi, count), rng.uniform(0.5, 1.0, count)
     rows = np.stack([2 * np.pi * freq * np.cos(angle), 2 * np.pi * freq * np.sin(angle),
@@ -36,11 +33,14 @@ def _waves(rng: np.random.Generator, count: int, fmin: float, fmax: float) -> np
     return np.concatenate([rows, rows + [0, 0, np.pi / 2, -np.pi / 2, 0]]).astype(np.float32)
 
 
-def _wave_field(waves: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """Sum of the waves on the grid, in [-scale, scale]."""
+def _wave_field(waves: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float = 1.0,
+                terms: tuple[tuple[np.ndarray, np.ndarray], ...] = ()) -> np.ndarray:
+    """Sum of the waves on the grid, in [-scale, scale], plus terms column * row: one matmul."""
     wx, wy, px, py, amp = waves.T
-    xs = np.cos(wx * x.reshape(-1, 1) + px) * (amp * np.float32(scale))
-    return np.cos(wy * y.reshape(-1, 1) + py) @ xs.T
+    cols = np.hstack([np.cos(wy * y + py), *(c for c, _ in terms)])
+    rows = np.vstack([np.cos(wx * x.T + px).T * (amp * np.float32(scale))[:, None],
+                      *(r for _, r in terms)])
+    return cols @ rows
 
 
 def _inside(r2: np.ndarray, edge: float) -> np.ndarray:
@@ -88,9 +88,11 @@ def _lung(lung: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
         dy = (y - lung["cy"]) / lung["ry"]
         inv_rx = 1 / (lung["rx"] * (1 + lung["flare"] * np.clip(dy, -1, 1)))
         dx = x - lung["cx"]
-        r2 = (dx * inv_rx) ** 2 + (dy * dy + _wave_field(lung["waves"], x, y, 0.08))
-        dome = np.clip(50 * (lung["dome"] + 2.5 * dx * dx) - 50 * y, 0, 1)  # a 0.02 ramp
-        return np.sqrt(np.clip(1 - r2, 0, 1)) * dome
+        free = _wave_field(lung["waves"], x, y, -0.08,  # 1 - r2
+                           ((1 - dy * dy, np.ones_like(dx)), (inv_rx * inv_rx, -dx * dx)))
+        air = np.sqrt(np.clip(free, 0, 1, out=free), out=free)
+        air *= np.clip(50 * (lung["dome"] + 2.5 * dx * dx) - 50 * y, 0, 1)  # a 0.02 ramp
+        return air
     return shape
 
 
@@ -161,16 +163,15 @@ def _ribs(anat: dict, d: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _bones(anat: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Ribs inside the thoracic cage, from the spine outwards, and the clavicles."""
+    """Attenuation of the ribs inside the thoracic cage, from the spine out, and the clavicles."""
     mid = anat["mid"]
     out = np.zeros((y.size, x.size), np.float32)
-    _stamp(out, x, y, (mid - 0.44, mid + 0.44, 0.04, 0.8), lambda x, y: (
-        (_inside(((x - mid) / 0.4) ** 2, 0.3) * np.clip(30 * np.abs(x - mid) - 1, 0, 1)
-         * _inside(((y - 0.42) / 0.36) ** 2, 0.3))
-        * _ribs(anat, np.abs(x - mid), y)))
-    _stamp(out, x, y, (mid - 0.32, mid + 0.32, 0.0, 0.22), lambda x, y: 1.4 * (
-        np.exp(-((y - 0.14 + 0.25 * np.abs(x - mid) - 0.3 * (x - mid) ** 2) / 0.014) ** 2)
-        * (_inside(((x - mid) / 0.3) ** 2, 0.5) * (np.abs(x - mid) > 0.035))))
+    _stamp(out, x, y, (mid - 0.44, mid + 0.44, 0.03, 0.81), lambda x, y: (
+        (0.1 * _inside(((x - mid) / 0.4) ** 2, 0.3) * np.clip(30 * np.abs(x - mid) - 1, 0, 1))
+        * _inside(((y - 0.42) / 0.36) ** 2, 0.3) * _ribs(anat, np.abs(x - mid), y)))
+    _stamp(out, x, y, (mid - 0.34, mid + 0.34, 0.0, 0.22), lambda x, y: (
+        np.exp(-((y + (0.25 * np.abs(x - mid) - 0.3 * (x - mid) ** 2 - 0.14)) / 0.014) ** 2)
+        * (0.14 * _inside(((x - mid) / 0.3) ** 2, 0.5) * (np.abs(x - mid) > 0.035))))
     return out
 
 
@@ -198,21 +199,27 @@ def _render(anat: dict, rng: np.random.Generator, size: int, pneumonia: bool
     width = 0.14 + 0.34 * np.sqrt(np.clip((y + 0.02) / 0.22, 0, 1))  # neck into shoulders
     body = np.sqrt(np.clip(1 - (d * (1 / width)) ** 2, 0, 1))
     body *= _inside(((y - 0.5) / 0.6) ** 8, 0.5)
-    spine = (0.04 * _inside((d / 0.03) ** 2, 0.8)) * (0.8 + 0.2 * np.cos(np.float32(2 * np.pi / 0.055) * y))
+    spine = (0.8 + 0.2 * np.cos(np.float32(2 * np.pi / 0.055) * y),  # vertebrae
+             0.04 * _inside((d / 0.03) ** 2, 0.8))
 
-    np.minimum(fill, 0.9, out=fill)
-    att = _wave_field(anat["mottle"], x, y, 0.04) + np.float32(0.03)  # uneven exposure, build
-    att += (anat["tissue"] + 0.1 * _bones(anat, x, y)) * body
+    # Attenuation, built in place: each 224 px temporary costs as much as the arithmetic.
+    att = _wave_field(anat["mottle"], x, y, 0.04,  # uneven exposure and build
+                      ((np.ones_like(y), np.full_like(x, 0.03)), spine))
+    att += body * (_bones(anat, x, y) + anat["tissue"])
     att += 0.12 * med
-    att += spine
-    att -= anat["depth"] * air * (1 - fill)
-    image = 270 * (1 - np.exp(att * np.float32(-2.2 * rng.uniform(0.92, 1.08))))  # film, exposure
+    air *= np.subtract(1, np.minimum(fill, 0.9, out=fill), out=fill)
+    air *= anat["depth"]
+    att -= air
+    att *= np.float32(-2.2 * rng.uniform(0.92, 1.08))  # film response at this exposure
+    image = np.exp(att, out=att)
+    image *= -270
+    image += 270
     # Irwin-Hall noise from raw generator bytes, several times cheaper than standard_normal:
-    # three uniform bytes sum to a near-Gaussian (sd 4 grey levels), one more is a 3% speckle.
+    # a uniform byte is a 3% speckle, three more sum to a near-Gaussian of sd 4 grey levels.
     raw = np.asarray(rng.bit_generator.random_raw(-(-size * size // 2)), "<u8").view(np.uint8)
     noise = raw[: 4 * size * size].reshape(4, size, size)
-    image *= 1 + (0.03 / 73.9) * (noise[3] - np.float32(127.5))  # speckle
-    image += (4.0 / 128.0) * (noise[:3].sum(0, dtype=np.float32) - 382.5)
+    image *= noise[3] * np.float32(0.03 / 73.9) + np.float32(1 - 127.5 * 0.03 / 73.9)
+    image += noise[:3].sum(0, dtype=np.float32) * np.float32(4 / 128) - np.float32(382.5 * 4 / 128)
     image = np.clip(image, 0, 255, out=image).astype(np.uint8)
     return image[..., None], mask.astype(np.uint8)[..., None], lung
 

@@ -1,0 +1,238 @@
+"""Tests for pneumojax.gradcam: exact gradients at a stage, the CAM identity, the sign of the
+NORMAL target, a model-randomisation sanity check, and localisation of phantom lesions."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import ndimage, stats
+
+from pneumojax import data, gradcam, models, train
+from pneumojax.data import augment
+from pneumojax.models.cnn import ConvBlock
+from tests.conftest import tiny_config
+
+
+def _split(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, {"params": params, "rest": rest}
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def shallow() -> tuple[nnx.Module, nnx.GraphDef, dict]:
+    """tiny_config's ShallowCNN. Models are shared: each fresh parameter shape costs seconds
+    of RNG compilation on a 2-core CPU."""
+    model = models.create("shallow_cnn", width=4, rngs=nnx.Rngs(0))
+    return model, *_split(model)
+
+
+@pytest.fixture(scope="module")
+def restored(trained):
+    config, graphdef, state, _, _ = train.restore(trained)
+    return config, graphdef, state
+
+
+def test_normal_target_negates_the_pneumonia_gradient(restored):
+    _, graphdef, state = restored
+    images = _images(4)
+    pre = {}
+    for target in gradcam.TARGETS:
+        _, a, g = jax.jit(functools.partial(gradcam.activation_gradients, graphdef,
+                                            layer="block3", target=target))(state, images)
+        pre[target] = np.asarray((a * g).sum(-1))
+    np.testing.assert_array_equal(pre["NORMAL"], -pre["PNEUMONIA"])
+    assert np.abs(pre["PNEUMONIA"]).max() > 0
+    out = {t: gradcam.cams(graphdef, state, images, layer="block3", target=t, method="hirescam")
+           for t in gradcam.TARGETS}
+    np.testing.assert_array_equal(out["NORMAL"]["probability"], out["PNEUMONIA"]["probability"])
+    np.testing.assert_array_equal(out["NORMAL"]["score"], -out["PNEUMONIA"]["score"])
+    # relu(M) - relu(-M) = M: the two post-ReLU maps are the halves of one signed map.
+    np.testing.assert_allclose(out["PNEUMONIA"]["raw"] - out["NORMAL"]["raw"], pre["PNEUMONIA"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_maps_change_when_the_top_stage_is_randomised(restored, synthetic):
+    """Adebayo et al. (2018): a map that survives re-initialising the weights it explains
+    is not explaining them. The top block, hidden layer and head are re-drawn, four times.
+
+    A re-drawn head often weighs every channel negatively, and Grad-CAM's ReLU then leaves an
+    all-zero map, which has no ranks: those images count as changed, and the correlation is
+    averaged over the others.
+    """
+    config, graphdef, state = restored
+    layer = gradcam.default_layer(config.model.name, **config.model.kwargs)
+    top = (f"['blocks'][{int(layer.removeprefix('block')) - 1}]", "['hidden']", "['head']")
+    source = data.data_source(synthetic[1], "validation", data_dir=synthetic[0])
+    images = np.stack([source[i]["image"] for i in range(len(source))])
+    before = np.asarray(gradcam.cams(graphdef, state, images, layer=layer)["maps"])
+    rho = []
+    for seed in range(1, 5):
+        fresh = nnx.split(train.create_model(config, seed), nnx.Param, ...)[1]
+        params = jax.tree.map_with_path(
+            lambda path, old, new: new if jax.tree_util.keystr(path).startswith(top) else old,
+            state["params"], fresh)
+        after = np.asarray(gradcam.cams(graphdef, dict(state, params=params), images,
+                                        layer=layer)["maps"])
+        rho += [stats.spearmanr(b.ravel(), a.ravel())[0] if a.max() > 0 else np.nan
+                for b, a in zip(before, after)]
+    rho = np.array(rho)
+    ranked = rho[np.isfinite(rho)]
+    print(f"\nmean Spearman, original vs randomised top stage: {ranked.mean():.3f} over "
+          f"{ranked.size} of {rho.size} (image, draw) pairs; the other maps vanished")
+    assert (before.max((1, 2)) > 0).all()
+    assert ranked.size >= 10
+    assert ranked.mean() < 0.5
+
+
+class _TwoBlocks(nnx.Module):
+    """DeepCNN's blocks without its float32 pooling and logit casts, so the score can be
+    finite-differenced in float64; `rest` recomputes the score from block1 independently.
+    Parameters stay float32 (their RNG compiles are the trained DeepCNN's); compute is float64.
+    """
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.blocks = nnx.List([ConvBlock(1, 4, dtype=jnp.float64, rngs=rngs),
+                                ConvBlock(4, 4, dtype=jnp.float64, rngs=rngs)])
+        self.head = nnx.Linear(4, 1, dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+        out = {"block1": self.blocks[0](x)}
+        return self.rest(out["block1"]), out
+
+    def rest(self, block1: jax.Array) -> jax.Array:
+        return self.head(self.blocks[1](block1).mean(axis=(1, 2)))[:, 0]
+
+
+def test_stage_gradient_matches_central_differences():
+    model = _TwoBlocks(nnx.Rngs(0))
+    graphdef, state = _split(model)
+    with jax.enable_x64(True):
+        logits, a, g = jax.jit(functools.partial(gradcam.activation_gradients, graphdef,
+                                                 layer="block1"))(state, _images(2, 16))
+        assert a.dtype == g.dtype == jnp.float64
+        rest = nnx.jit(_TwoBlocks.rest)
+        np.testing.assert_allclose(rest(model, a), logits, rtol=1e-12)
+        a, g = np.asarray(a), np.asarray(g)
+        rng = np.random.default_rng(0)
+        # Max-pooling zeroes 3/4 of the gradient: half the probes are where it is not.
+        probes = np.r_[rng.choice(g.size, 4, replace=False),
+                       rng.choice(np.flatnonzero(g), 4, replace=False)]
+        eps = 1e-5
+        for flat in probes:
+            e = np.zeros(a.size)
+            e[flat] = eps
+            e = e.reshape(a.shape)
+            fd = (rest(model, a + e).sum() - rest(model, a - e).sum()) / (2 * eps)
+            np.testing.assert_allclose(g.flat[flat], fd, rtol=1e-3, atol=1e-10)
+
+
+def test_gradcam_on_last_stage_of_a_gap_head_is_cam(shallow):
+    """ShallowCNN is block3 -> GAP -> dense, so dS/dA = w / (h w) everywhere and Grad-CAM is
+    CAM (Zhou et al. 2016) divided by h w: the textbook identity, exactly."""
+    model, graphdef, state = shallow
+    images = _images(4)
+    out = gradcam.cams(graphdef, state, images, layer="block3")
+    a = np.asarray(model(augment.to_float(images))[1]["block3"])
+    cam = np.maximum(np.einsum("bhwc,c->bhw", a, np.asarray(model.head.kernel[...])[:, 0]), 0)
+    raw = np.asarray(out["raw"])
+    assert cam.max() > 0
+    assert np.corrcoef(raw.ravel(), cam.ravel())[0, 1] > 0.9999
+    np.testing.assert_array_equal(raw.reshape(4, -1).argmax(1), cam.reshape(4, -1).argmax(1))
+    np.testing.assert_allclose(raw * (a.shape[1] * a.shape[2]), cam, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_equals_one_by_one_and_compiles_once(shallow, monkeypatch):
+    _, graphdef, state = shallow
+    traces = []
+    monkeypatch.setattr(augment, "to_float", lambda x: traces.append(1) or x / 255.0)
+    images = _images(3, 40)  # a shape no other test compiles
+    batched = gradcam.cams(graphdef, state, images, layer="block2", method="gradcam++")
+    assert len(traces) == 1
+    again = gradcam.cams(graphdef, state, images, layer="block2", method="gradcam++")
+    assert len(traces) == 1
+    for key in batched:
+        np.testing.assert_array_equal(again[key], batched[key])
+        single = np.concatenate([
+            gradcam.cams(graphdef, state, images[i:i + 1], layer="block2",
+                         method="gradcam++")[key] for i in range(3)])
+        np.testing.assert_allclose(single, batched[key], rtol=1e-5, atol=1e-6)
+
+
+def test_default_layer_and_errors(shallow):
+    assert gradcam.default_layer("shallow_cnn") == "block3"
+    assert gradcam.default_layer("deep_cnn") == "block4"
+    assert gradcam.default_layer("deep_cnn", widths=(4, 8, 8)) == "block3"
+    assert gradcam.default_layer("resnet50", width=4, stage_sizes=(1, 1, 1, 1)) == "stage4"
+    _, graphdef, state = shallow
+    with pytest.raises(ValueError, match="block1, block2, block3"):
+        gradcam.cams(graphdef, state, _images(1), layer="pre_logits")
+    with pytest.raises(ValueError, match="unknown method"):
+        gradcam.cams(graphdef, state, _images(1), layer="block3", method="scorecam")
+    with pytest.raises(ValueError, match="unknown target"):
+        gradcam.cams(graphdef, state, _images(1), layer="block3", target="pneumonia")
+
+
+# Localisation: a DeepCNN whose last stage is 8x8 at 64 px. The issue's goals are pointing
+# >= 90 % and >= 50 % of the map's mass inside the lesion mask.
+LOCAL_SIZE, LOCAL_COUNT = 64, 320
+
+
+@pytest.fixture(scope="module")
+def localisation(tmp_path_factory) -> dict[str, float]:
+    data_dir = tmp_path_factory.mktemp("phantoms64")
+    name = data.prepare("synthetic", data_dir=data_dir, image_size=LOCAL_SIZE,
+                        synthetic_count=LOCAL_COUNT, validation_fraction=0.25)["name"]
+    c = tiny_config(data_dir, batch_size=32, epochs=10.0, eval_every=40, learning_rate=3e-3)
+    c.data.image_size, c.data.synthetic_count = LOCAL_SIZE, LOCAL_COUNT
+    c.model.name = "deep_cnn"
+    c.model.kwargs = {"widths": (8, 16, 16), "hidden": 16}
+    workdir = tmp_path_factory.mktemp("localisation")
+    train.train_and_evaluate(c, workdir)
+    config, graphdef, state, meta, _ = train.restore(workdir)
+
+    examples = [e for split in ("validation", "test")
+                for e in data.data_source(name, split, data_dir=data_dir, with_lesion_mask=True)
+                if e["label"] == 1]
+    masks = np.stack([e["lesion_mask"][..., 0] for e in examples]).astype(bool)
+    out = gradcam.cams(graphdef, state, np.stack([e["image"] for e in examples]),
+                       layer=gradcam.default_layer(config.model.name, **config.model.kwargs))
+    maps, grid = np.asarray(out["maps"]), out["raw"].shape[1]
+    # The argmax can be placed no finer than a feature cell: tolerate half a cell.
+    radius = LOCAL_SIZE // grid // 2
+    dilated = np.stack([ndimage.binary_dilation(m, np.ones((3, 3)), iterations=radius)
+                        for m in masks])
+    peak = maps.reshape(len(maps), -1).argmax(1)
+    hits = dilated.reshape(len(maps), -1)[np.arange(len(maps)), peak]
+    mass = lambda m: float(np.mean((maps * m).sum((1, 2)) / maps.sum((1, 2))))
+    result = {"auc": meta["validation"]["roc_auc"], "images": len(maps), "radius": radius,
+              "pointing": float(hits.mean()), "mass": mass(masks), "mass_dilated": mass(dilated),
+              "area": float(masks.mean()), "area_dilated": float(dilated.mean())}
+    print("\nlocalisation on PNEUMONIA phantoms: " + ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return result
+
+
+@pytest.mark.slow
+def test_gradcam_localises_phantom_lesions(localisation):
+    r = localisation
+    assert r["auc"] >= 0.9, "the model did not learn; its maps would test nothing"
+    assert r["pointing"] >= max(0.5, 4 * r["area_dilated"])
+    assert r["mass"] >= 2 * r["area"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "not reached in a CPU test: pointing ~77 %, mass ~11 %. An 8x8 map upsampled to 64 px smears "
+    "each cell over 16x16 px while lesions cover ~4 % of the image: the true masks' own per-cell "
+    "lesion fraction, upsampled alike, holds only ~46 % of its mass in them. Needs a stride-4 "
+    "stage (16x16 at 64 px: ~72 %) or larger inputs, and longer training"))
+def test_gradcam_meets_the_issue_localisation_goals(localisation):
+    assert localisation["pointing"] >= 0.9 and localisation["mass"] >= 0.5
