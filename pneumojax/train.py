@@ -80,14 +80,21 @@ def train_graphdef(config: ml_collections.ConfigDict, frozen: frozenset[str]):
 
 
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """A run's config; fields added to the defaults since the run was made get their defaults."""
-    from configs import common
+    """A run's config; fields added to the defaults since the run was made get their defaults.
 
+    The defaults live in the repository's `configs/`; outside a checkout (the CLIs run from
+    anywhere) the saved config is used as it is.
+    """
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: not a training workdir (no config.json)")
+    saved = json.loads(path.read_text())
+    try:
+        from configs import common
+    except ImportError:
+        return ml_collections.ConfigDict(saved)
     config = common.get_config()
-    _merge(config, json.loads(path.read_text()))
+    _merge(config, saved)
     return config
 
 

@@ -84,3 +84,12 @@ def test_the_device_resident_path_trains_and_resumes(synthetic, tmp_path):
     assert earlier < last and int(resumed["step"]) == int(full["step"]) == last
     for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"])):
         np.testing.assert_array_equal(a, b)  # the batch order depends only on (seed, step)
+
+
+def test_an_old_config_gets_new_defaults_and_loads_outside_a_checkout(tmp_path, monkeypatch):
+    import sys
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "resnet50"}}))
+    c = train.load_config(tmp_path)
+    assert c.model.name == "resnet50" and c.train.freeze == "none"  # a field added later
+    monkeypatch.setitem(sys.modules, "configs", None)  # as when run outside the repository
+    assert train.load_config(tmp_path).model.name == "resnet50"
