@@ -40,8 +40,8 @@ def load_images(spec: str, config) -> tuple[list[dict], list[str], list[str], li
     if kind == "tfds":
         name = builder.config_name(config.data.source, config.data.image_size)
         src = pdata.data_source(name, where, data_dir=config.data.data_dir)
-        meta = [(src[i]["file_name"].decode(), src[i]["patient_id"].decode())
-                for i in range(len(src))]
+        meta = [(ex["file_name"].decode(), ex["patient_id"].decode())
+                for ex in (src[i] for i in range(len(src)))]  # one read per example
         return src, [f for f, _ in meta], [p for _, p in meta], []
     raise ValueError(f"--data {spec!r}: use folder:PATH or tfds:SPLIT")
 
