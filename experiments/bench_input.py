@@ -12,12 +12,16 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 import time
 
 import jax
 
 from pneumojax import data
 from pneumojax.data import augment
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+from experiments.common import device_name
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_input.json"
 
@@ -74,7 +78,7 @@ def main() -> None:
     name = data.ensure_prepared(args.source, data_dir=args.data_dir, image_size=args.image_size,
                                 synthetic_count=args.synthetic_count)
     source = data.data_source(name, "train", data_dir=args.data_dir)
-    device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores"
+    device = device_name()
     records = []
     for workers in sorted({0, os.cpu_count() or 1}):
         rate = bench_host(source, args.batch, workers, args.seconds)

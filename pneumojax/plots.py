@@ -188,7 +188,8 @@ def threshold_sweep(labels, probs, path: str | os.PathLike, *,
 
 
 def image_grid(images, path: str | os.PathLike, *, titles: Sequence[str] | None = None,
-               overlays=None, ncols: int = 8, cmap: str = "jet", alpha: float = 0.6) -> Path:
+               overlays=None, ncols: int = 8, cmap: str = "jet", alpha: float = 0.6,
+               title: str = "") -> Path:
     """Grayscale images (N, H, W[, 1]), uint8 or floats in [0, 1], in a grid; optional
     heat maps (N, H, W) in [0, 1] drawn over them in `cmap`, with a colour bar.
 
@@ -228,6 +229,8 @@ def image_grid(images, path: str | os.PathLike, *, titles: Sequence[str] | None 
         if overlays is not None:
             scale = ScalarMappable(Normalize(0, 1), cmap)
             fig.colorbar(scale, ax=axes, shrink=0.8, label="heat")
+        if title:
+            fig.suptitle(title, fontsize=10)
         return _save(fig, path)
 
 

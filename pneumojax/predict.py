@@ -37,11 +37,12 @@ def collect(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
 
 
 def predict(workdir: str | pathlib.Path, paths: Sequence[str | pathlib.Path], *,
-            out: str | pathlib.Path, method: str = "gradcam", layer: str | None = None,
+            out: str | pathlib.Path, method: str = gradcam.METHODS[0], layer: str | None = None,
             checkpoint: str = "best", batch_size: int = 16) -> Iterator[dict]:
     """One record per file, in order: a prediction with its overlay, or the file's error."""
     config, graphdef, state, meta, step = train.restore(workdir, checkpoint)
-    layer = layer or gradcam.default_layer(config.model.name, **config.model.kwargs)
+    layer = layer or gradcam.default_layer(config.model.name, config.data.image_size,
+                                  **config.model.kwargs)
     size, threshold = config.data.image_size, float(meta["threshold"])
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--out", default="predictions", help="folder for the overlay PNGs")
-    parser.add_argument("--method", default="gradcam", choices=gradcam.METHODS)
+    parser.add_argument("--method", default=gradcam.METHODS[0], choices=gradcam.METHODS,
+                        help="default hirescam: see experiments/results/deletion.json")
     parser.add_argument("--layer", help="named stage (default: the model's last stage)")
     parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from pneumojax import checkpoint, metrics, models, plots, sharding, transfer
+from pneumojax import checkpoint, gradcam, metrics, models, plots, sharding, transfer
 from pneumojax import data as pdata
 from pneumojax.data import augment, builder
 
@@ -353,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         state = _loop(state, start, total_steps, eval_every, c, mesh, val_src, eval_step,
                       schedule, ckpt, log, stopper, train_iter, frozen, rephase)
     ckpt.wait()
-    _finish(c, workdir, ckpt, state, eval_step, mesh, val_src, log, report)
+    _finish(c, workdir, ckpt, state, graphdef_eval, eval_step, mesh, val_src, log, report)
     ckpt.close()
     if train_iter is not None:
         train_iter.close()
@@ -418,8 +418,9 @@ def patient_groups(source, indices: np.ndarray) -> np.ndarray:
     return np.array([source[int(i)]["patient_id"] for i in indices])
 
 
-def _finish(c, workdir: pathlib.Path, ckpt, state, eval_step, mesh, val_src, log, report) -> None:
-    """Scores the best checkpoint on validation: summary.json and plots."""
+def _finish(c, workdir: pathlib.Path, ckpt, state, graphdef_eval, eval_step, mesh, val_src, log,
+            report) -> None:
+    """Scores the best checkpoint on validation: summary.json, plots and a Grad-CAM grid."""
     best = ckpt.resolve("best")
     best_state, meta = ckpt.restore(best, state)
     labels, probs, index = predict(eval_step, best_state, val_src, mesh,
@@ -444,3 +445,42 @@ def _finish(c, workdir: pathlib.Path, ckpt, state, eval_step, mesh, val_src, log
     plots.confusion_matrix(cm, out / "confusion_matrix.png",
                            title=f"validation, threshold {meta['threshold']:.3f} (step {best})")
     plots.threshold_sweep(labels, probs, out / "threshold_sweep.png", marked=thresholds)
+    gradcam_grid(c, graphdef_eval, best_state, val_src, labels, probs, index, meta["threshold"],
+                 out / "gradcam_validation.png", title=f"step {best}")
+
+
+def gradcam_grid(config, graphdef_eval, state: State, source, labels: np.ndarray,
+                 probs: np.ndarray, index: np.ndarray, threshold: float, path: pathlib.Path, *,
+                 per_cell: int = 4, title: str = "") -> pathlib.Path:
+    """Heat maps of validation images, `per_cell` from each confusion-matrix cell (TP, FN, FP,
+    TN), the most confident first, so a reader sees the errors beside the successes.
+
+    One row per cell, empty slots left blank. Each map (the default method of `gradcam.cams`)
+    explains the predicted class at `threshold`: for a missed pneumonia, what the model took
+    as evidence of NORMAL. Runs on this process's devices only, with a host copy
+    of the (replicated) parameters, so process 0 can draw it alone.
+    """
+    predicted = probs >= threshold
+    picks, titles = [], []
+    for name, truth, pred in (("TP", 1, True), ("FN", 1, False), ("FP", 0, True),
+                              ("TN", 0, False)):
+        rows = np.flatnonzero((labels == truth) & (predicted == pred))
+        rows = rows[np.argsort(-probs[rows] if pred else probs[rows], kind="stable")][:per_cell]
+        picks += [*rows, *[-1] * (per_cell - len(rows))]  # -1: an empty slot keeps one row a cell
+        titles += [f"{name} p={probs[r]:.2f}" for r in rows] + [""] * (per_cell - len(rows))
+    picks = np.array(picks)
+    params = jax.device_get({"params": state["params"], "rest": state["rest"]})
+    layer = gradcam.default_layer(config.model.name, config.data.image_size,
+                                  **config.model.kwargs)
+    blank = np.full_like(source[int(index[0])]["image"], 255)  # white on white: invisible
+    images = np.stack([source[int(index[r])]["image"] if r >= 0 else blank for r in picks])
+    maps = np.zeros(images.shape[:3], np.float32)
+    for target, rows in (("PNEUMONIA", (picks >= 0) & predicted[picks]),
+                         ("NORMAL", (picks >= 0) & ~predicted[picks])):
+        if rows.any():
+            maps[rows] = gradcam.cams(graphdef_eval, params, images[rows], layer=layer,
+                                      target=target)["maps"]
+    return plots.image_grid(images, path, titles=titles, overlays=maps, ncols=per_cell,
+                            title=f"{gradcam.METHODS[0]} at {layer} for the predicted class, "
+                                  f"validation, threshold {threshold:.3f}"
+                                  + (f", {title}" if title else ""))
