@@ -1,0 +1,87 @@
+"""experiments/reproduce.py end to end on a tiny Kaggle-layout folder: two models trained, the
+ImageNet row skipped with its reason, `val` scored, `test` never read, finished runs reused."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import reproduce
+from pneumojax import data as pdata
+from pneumojax import train
+from pneumojax.data import synthetic
+
+TINY = ["data.image_size=32", "data.validation_fraction=0.25", "train.batch_size=8",
+        "train.eval_batch_size=16", "train.epochs=1", "shallow_cnn:model.kwargs.width=4",
+        "deep_cnn:model.kwargs.widths=(4, 4, 8, 8)"]
+
+
+def _folder(root):
+    """train (40 patients, 10 of them carved out as validation), val and test (8 each) of 32 px phantoms, Kermany file names."""
+    rng = np.random.default_rng(0)
+    for split, first, count in (("train", 0, 20), ("val", 100, 4), ("test", 200, 4)):
+        for i in range(first, first + count):
+            for cls, name in (("NORMAL", f"IM-{i:04d}-0001.png"),
+                              ("PNEUMONIA", f"person{i}_bacteria_{i}.png")):
+                image, _ = synthetic.phantom(rng, 32, cls == "PNEUMONIA")
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image[..., 0]).save(root / split / cls / name)
+
+
+@pytest.mark.slow  # trains two models
+def test_the_table_is_written_and_finished_runs_are_reused(tmp_path, monkeypatch):
+    _folder(tmp_path / "xray")
+    monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))  # no ImageNet weights
+    read = []
+    real_source = pdata.data_source
+    monkeypatch.setattr(pdata, "data_source",
+                        lambda name, split, **kw: read.append(split) or real_source(name, split,
+                                                                                    **kw))
+    argv = ["--source", f"folder:{tmp_path / 'xray'}", "--cpu",
+            "--rows", "shallow_cnn,deep_cnn,resnet50_imagenet",
+            "--workdir-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+            "--set", f"data.data_dir={tmp_path / 'tfds'}"] + [a for t in TINY for a in ("--set", t)]
+    assert reproduce.main(argv) == 0
+    assert "test" not in read and {"train", "validation", "val"} <= set(read)
+
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    rows = {r["name"]: r for r in table["rows"]}
+    assert list(rows) == ["shallow_cnn", "deep_cnn", "resnet50_imagenet"]
+    for name in ("shallow_cnn", "deep_cnn"):
+        r = rows[name]
+        assert r["status"] == "ok" and not r["reused"] and r["wall_s"] > 0
+        assert r["config"] == f"configs/{name}.py:cpu" and r["settings"]["data"]["image_size"] == 32
+        assert r["validation"]["n"] == 10 and r["val"]["n"] == 8
+        assert r["val"]["threshold"] == r["threshold"]  # val is scored at validation's threshold
+        for m in (r["validation"], r["val"]):
+            lo, hi = m["ci95"]["accuracy"]
+            assert lo <= m["accuracy"] <= hi
+        assert r["device"] and r["date"] and r["commit"]
+    skipped = rows["resnet50_imagenet"]
+    assert skipped["status"] == "skipped"
+    assert "python -m pneumojax.weights fetch resnet50 --source torchvision-v2" in skipped["reason"]
+    assert [p["source"] for p in table["published"]] == [
+        "seed 002", "seed 003", "seed 003", "Kermany et al. 2018", "MedMNIST v2", "MedMNIST v2"]
+    assert table["published"][1]["figures"] == dict(accuracy=0.9071, precision=0.915,
+                                                    recall=0.907, f1=0.904)
+
+    md = (tmp_path / "out" / "table.md").read_text()
+    accuracy = rows["deep_cnn"]["validation"]["accuracy"]
+    assert f"{100 * accuracy:.1f} [" in md
+    for text in ("Shallow CNN", "Deep CNN", "skipped: weights not cached", "not directly comparable",
+                 "90.71 % accuracy, precision 0.915", "Cell 172(5):1122-1131",
+                 "Scientific Data 10:41"):
+        assert text in md
+
+    # Again: nothing trains, the wall times of the first run stay.
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
+    assert reproduce.main(argv) == 0
+    again = {r["name"]: r for r in json.loads((tmp_path / "out" / "table.json").read_text())["rows"]}
+    for name in ("shallow_cnn", "deep_cnn"):
+        assert again[name]["reused"] and again[name]["wall_s"] == rows[name]["wall_s"]
+        assert again[name]["val"]["accuracy"] == rows[name]["val"]["accuracy"]
+    assert "(reused)" in (tmp_path / "out" / "table.md").read_text()
+
+    # A finished workdir of another config is an error before anything runs, not a mixed run.
+    assert reproduce.main(argv + ["--set", "train.epochs=2"]) == 2
