@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import sys
 import time
@@ -34,6 +33,7 @@ from pneumojax import gradcam, train
 from pneumojax.data import augment
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_gradcam.json"
+KEY = ("model", "mode", "method", "batch", "image_size", "dtype", "device")
 CONFIGS = {"deep_cnn": deep_cnn.get_config, "resnet50": resnet50.get_config}
 
 
@@ -106,13 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods.split(","):
             records += bench(model, image_size=size, batch=args.batch, method=method,
                              seconds=args.seconds, dtype=args.dtype)
-    key = lambda r: (r["model"], r["mode"], r["method"], r["batch"], r["image_size"],
-                     r.get("dtype"), r["device"])
-    old = json.loads(args.out.read_text()) if args.out.exists() else []
-    new_keys = {key(r) for r in records}
-    merged = [r for r in old if key(r) not in new_keys] + records
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(merged, indent=1) + "\n")
+    common.merge_results(args.out, records, KEY)
     print(f"written: {args.out}")
 
 

@@ -1,7 +1,9 @@
-"""What every experiment records beside its numbers: the device that ran it and the commit."""
+"""What every experiment records beside its numbers (the device that ran it and the commit),
+and how results files keep the runs of other devices."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
@@ -39,3 +41,15 @@ def commit() -> str:
     except OSError:  # no git
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+def merge_results(path: pathlib.Path, records: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """Writes `path`: its records, with the new ones replacing any that agree on `key`, so
+    runs on other devices or at other sizes stay beside them. Returns what was written."""
+    ident = lambda r: json.dumps([r.get(k) for k in key], sort_keys=True)
+    new = {ident(r) for r in records}
+    old = json.loads(path.read_text()) if path.exists() else []
+    merged = [r for r in old if ident(r) not in new] + records
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
