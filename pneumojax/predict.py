@@ -42,7 +42,7 @@ def predict(workdir: str | pathlib.Path, paths: Sequence[str | pathlib.Path], *,
     """One record per file, in order: a prediction with its overlay, or the file's error."""
     config, graphdef, state, meta, step = train.restore(workdir, checkpoint)
     layer = layer or gradcam.default_layer(config.model.name, config.data.image_size,
-                                  **config.model.kwargs)
+                                           **config.model.kwargs)
     size, threshold = config.data.image_size, float(meta["threshold"])
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="predictions", help="folder for the overlay PNGs")
     parser.add_argument("--method", default=gradcam.METHODS[0], choices=gradcam.METHODS,
                         help="default hirescam: see experiments/results/deletion.json")
-    parser.add_argument("--layer", help="named stage (default: the model's last stage)")
+    parser.add_argument("--layer", help="named stage (default: the last one with a grid of at "
+                        "least 7x7 at the model's input size)")
     parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
     args = parser.parse_args(argv)
     failed = 0

@@ -213,3 +213,14 @@ def test_registry():
         models.create("vgg16", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="v1.5, v1"):
         models.create("resnet50", variant="v2", rngs=nnx.Rngs(0))
+
+
+def test_max_pool2_matches_xla_values_and_gradients_with_ties_and_odd_sizes():
+    from pneumojax.models.cnn import max_pool2
+    # Small integers make tied maxima common: the gradient must go to the first, as XLA's.
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 4, (2, 7, 9, 3)).astype(np.float32))
+    reference = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))
+    weigh = lambda pool: lambda x: (pool(x) * jnp.arange(1.0, pool(x).size + 1).reshape(
+        pool(x).shape)).sum()
+    np.testing.assert_array_equal(max_pool2(x), reference(x))
+    np.testing.assert_array_equal(jax.grad(weigh(max_pool2))(x), jax.grad(weigh(reference))(x))

@@ -62,13 +62,14 @@ def max_pool2(x: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
-def _max_pool2_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return max_pool2(x), x
+def _max_pool2_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = max_pool2(x)
+    return y, (x, y)
 
 
-def _max_pool2_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+def _max_pool2_bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+    x, y = residuals
     a, b, c, d = _window(x)
-    y = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
     # First maximum wins; if none compares equal (NaN), the last corner takes the gradient.
     take_a = a == y
     take_b = ~take_a & (b == y)
