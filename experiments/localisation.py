@@ -1,0 +1,146 @@
+"""Does Grad-CAM point at the lesion? Localisation on synthetic phantoms whose masks are known.
+
+    python experiments/localisation.py                         # the CI test's model, ~1 min
+    python experiments/localisation.py --widths 16,32,32 --hidden 32 --count 1200 --epochs 15
+
+Trains a DeepCNN on 64 px phantoms (`pneumojax.data.synthetic`: every PNEUMONIA image carries
+1-3 consolidations and their masks) and, on the held-out PNEUMONIA images, scores each method
+at each spatial stage:
+
+- pointing: the share of images whose map peaks inside a lesion mask dilated by half a
+  feature cell (a peak can be placed no finer than a cell);
+- mass: the share of the map's sum inside the masks, and inside the dilated masks;
+- bound: the mass of a map equal to each cell's lesion fraction, upsampled the same way: what
+  a perfect map can reach on that grid.
+
+`tests/test_gradcam.py` runs the first command's model. Results merge into
+experiments/results/localisation.json, one record per (model, data, stage, method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import pathlib
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+from configs import deep_cnn
+from experiments import common
+from pneumojax import data, gradcam, train
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "localisation.json"
+KEY = ("widths", "hidden", "count", "epochs", "image_size", "layer", "method", "device")
+
+
+def phantom_config(data_dir: str | pathlib.Path, *, image_size: int = 64, count: int = 320,
+                   widths: tuple[int, ...] = (8, 16, 16), hidden: int = 16,
+                   epochs: float = 10.0) -> ml_collections.ConfigDict:
+    """configs/deep_cnn.py, narrowed and sized for phantoms: a quarter held out for validation
+    (and as many again as test), and validation every 40 steps for the best checkpoint."""
+    c = deep_cnn.get_config()
+    c.data.update(source="synthetic", data_dir=str(data_dir), image_size=image_size,
+                  synthetic_count=count, validation_fraction=0.25)
+    c.model.kwargs.update(widths=tuple(widths), hidden=hidden)
+    c.train.update(batch_size=32, eval_batch_size=64, epochs=epochs, learning_rate=3e-3,
+                   eval_every=40, patience=100)
+    return c
+
+
+def trained_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Trains `config` in `workdir` (resuming, or reusing a finished run), then returns its
+    best checkpoint, its default Grad-CAM stage, and the held-out phantoms (validation and
+    test images, labels, masks)."""
+    if not (pathlib.Path(workdir) / "summary.json").exists():
+        train.train_and_evaluate(config, workdir)
+    config, graphdef, state, meta, _ = train.restore(workdir)
+    d = config.data
+    name = data.ensure_prepared(d.source, data_dir=d.data_dir, image_size=d.image_size,
+                                validation_fraction=d.validation_fraction,
+                                seed=config.train.seed, synthetic_count=d.synthetic_count)
+    examples = [e for split in ("validation", "test")
+                for e in data.data_source(name, split, data_dir=d.data_dir, with_lesion_mask=True)]
+    return dict(config=config, graphdef=graphdef, state=state,
+                auc=meta["validation"]["roc_auc"],
+                layer=gradcam.default_layer(config.model.name, d.image_size,
+                                            **config.model.kwargs),
+                images=np.stack([e["image"] for e in examples]),
+                labels=np.array([e["label"] for e in examples]),
+                masks=np.stack([e["lesion_mask"][..., 0] for e in examples]).astype(bool))
+
+
+def _mass(maps: np.ndarray, region: np.ndarray) -> float:
+    return float(np.mean((maps * region).sum((1, 2)) / np.maximum(maps.sum((1, 2)), 1e-12)))
+
+
+def measure(model: dict, *, layer: str | None = None, method: str = gradcam.METHODS[0]) -> dict:
+    """Pointing game, mass and its bound for one stage and method, on the PNEUMONIA images."""
+    layer = layer or model["layer"]
+    sick = model["labels"] == 1
+    images, masks = model["images"][sick], model["masks"][sick]
+    out = gradcam.cams(model["graphdef"], model["state"], images, layer=layer, method=method)
+    maps, grid = np.asarray(out["maps"]), out["raw"].shape[1]
+    size = images.shape[1]
+    radius = max(1, size // grid // 2)
+    dilated = np.stack([ndimage.binary_dilation(m, np.ones((3, 3)), iterations=radius)
+                        for m in masks])
+    peak = maps.reshape(len(maps), -1).argmax(1)
+    cell = masks.reshape(len(masks), grid, size // grid, grid, size // grid).mean((2, 4))
+    ideal = np.asarray(jax.image.resize(cell.astype(np.float32), masks.shape, "bilinear"))
+    return dict(layer=layer, method=method, grid=grid, images=len(maps), radius=radius,
+                auc=model["auc"],
+                pointing=float(dilated.reshape(len(maps), -1)[np.arange(len(maps)), peak].mean()),
+                mass=_mass(maps, masks), mass_dilated=_mass(maps, dilated),
+                bound=_mass(ideal, masks), area=float(masks.mean()),
+                area_dilated=float(dilated.mean()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: tuple(int(v) for v in s.split(","))
+    parser.add_argument("--widths", type=ints, default=(8, 16, 16))
+    parser.add_argument("--hidden", type=int, default=16)
+    parser.add_argument("--count", type=int, default=320, help="phantoms, all splits")
+    parser.add_argument("--epochs", type=float, default=10.0)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--layers", help="comma-separated stages (default: every spatial one)")
+    parser.add_argument("--methods", default=",".join(gradcam.METHODS))
+    parser.add_argument("--workdir", type=pathlib.Path, help="default: workdirs/localisation/...")
+    parser.add_argument("--data-dir", type=pathlib.Path,
+                        help="where the phantoms are prepared (default: WORKDIR/data)")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    tag = (f"w{'-'.join(map(str, args.widths))}_h{args.hidden}_n{args.count}"
+           f"_e{args.epochs:g}_{args.image_size}px")
+    workdir = args.workdir or common.ROOT / "workdirs" / "localisation" / tag
+    config = phantom_config(args.data_dir or workdir / "data", image_size=args.image_size,
+                            count=args.count, widths=args.widths, hidden=args.hidden,
+                            epochs=args.epochs)
+    model = trained_model(config, workdir)
+    layers = (args.layers.split(",") if args.layers
+              else [f"block{i + 1}" for i in range(len(args.widths))])
+    shared = dict(widths=list(args.widths), hidden=args.hidden, count=args.count,
+                  epochs=args.epochs, image_size=args.image_size, workdir=str(workdir),
+                  device=common.device_name(), commit=common.commit(),
+                  date=datetime.date.today().isoformat())
+    records = []
+    print(f"{tag}: validation AUC {model['auc']:.4f}")
+    for layer in layers:
+        for method in args.methods.split(","):
+            r = measure(model, layer=layer, method=method)
+            records.append(dict(shared, **r))
+            print(f"{layer} ({r['grid']}x{r['grid']}) {method:<9} pointing {r['pointing']:.3f}  "
+                  f"mass {r['mass']:.3f} (bound {r['bound']:.3f})  dilated by {r['radius']} px: "
+                  f"{r['mass_dilated']:.3f} of the mass in {r['area_dilated']:.3f} of the image")
+    common.merge_results(args.out, records, KEY)
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
