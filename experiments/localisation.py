@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import pathlib
 import sys
 
@@ -55,7 +56,14 @@ def phantom_config(data_dir: str | pathlib.Path, *, image_size: int = 64, count:
 def trained_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Trains `config` in `workdir` (resuming, or reusing a finished run), then returns its
     best checkpoint, its default Grad-CAM stage, and the held-out phantoms (validation and
-    test images, labels, masks)."""
+    test images, labels, masks). A workdir that holds another run is an error, not reused."""
+    if (pathlib.Path(workdir) / "config.json").exists():
+        saved = train.load_config(workdir)
+        fields = lambda c: json.loads(json.dumps([c.model.kwargs.to_dict(), c.data.image_size,
+                                                  c.data.synthetic_count, c.train.epochs]))
+        if fields(saved) != fields(config):
+            raise ValueError(f"{workdir}: holds a run of {fields(saved)}, not {fields(config)} "
+                             "(model kwargs, image size, phantoms, epochs); use another workdir")
     if not (pathlib.Path(workdir) / "summary.json").exists():
         train.train_and_evaluate(config, workdir)
     config, graphdef, state, meta, _ = train.restore(workdir)

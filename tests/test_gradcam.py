@@ -239,6 +239,14 @@ def localisation_scores(phantom_model) -> dict[str, float]:
     return result
 
 
+def test_localisation_refuses_a_workdir_of_another_run(tmp_path):
+    (tmp_path / "config.json").write_text(
+        localisation.phantom_config(tmp_path / "data").to_json_best_effort())
+    with pytest.raises(ValueError, match=r"holds a run of .* 10\.0\], not .* 12\.0\]"):
+        localisation.trained_model(localisation.phantom_config(tmp_path / "data", epochs=12),
+                                   tmp_path)
+
+
 @pytest.mark.slow
 def test_deletion_of_salient_pixels_costs_more_than_random_pixels(phantom_model):
     """The deletion test of experiments/deletion.py, on the phantoms: blurring the 20 % of
