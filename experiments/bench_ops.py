@@ -1,0 +1,135 @@
+"""Where a training step's time goes: the deep CNN's layers one by one, pneumojax against PyTorch.
+
+    python experiments/bench_ops.py                          # 128 px, batch 64, the config's widths
+    python experiments/bench_ops.py --image-size 64
+
+`bench_train.py` times whole steps; this times each of the deep CNN's convolutions (forward,
+then the gradients of input and kernel, as training needs them) and each batch norm + ReLU
+(forward and backward, training mode), with the same shapes and in float32 on both sides:
+`nnx.Conv` and `nnx.BatchNorm` jitted against `torch.nn.Conv2d` and `BatchNorm2d` (NCHW, eager).
+The first convolution's input gradient is skipped on both sides, as training skips it. Each
+time is the best of `--repeats` calls after a warm-up, the two frameworks taking turns. Results merge into
+experiments/results/bench_ops.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
+from configs import deep_cnn
+from experiments import common
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "bench_ops.json"
+KEY = ("op", "shape", "framework", "device")
+
+
+def _best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best time of each function in ms, the functions taking turns so that load from other
+    jobs on a shared machine hits them alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * min(t) for name, t in times.items()}
+
+
+def _jax_op(module: nnx.Module, x: np.ndarray, dy: np.ndarray, need_dx: bool) -> Callable:
+    graphdef, state = nnx.split(module)
+    relu = isinstance(module, nnx.BatchNorm)
+
+    def forward(state: nnx.State, x: jax.Array) -> jax.Array:
+        y = nnx.merge(graphdef, state)(x)
+        return nnx.relu(y) if relu else y
+
+    @jax.jit
+    def run(state: nnx.State, x: jax.Array, dy: jax.Array):
+        y, vjp = jax.vjp(forward, state, x)
+        d_state, dx = vjp(dy)
+        return (y, d_state, dx) if need_dx else (y, d_state)
+
+    x, dy = jax.numpy.asarray(x), jax.numpy.asarray(dy)
+    return lambda: run(state, x, dy)
+
+
+def _torch_op(module, x: np.ndarray, dy: np.ndarray, need_dx: bool) -> Callable:
+    import torch
+
+    relu = isinstance(module, torch.nn.BatchNorm2d)
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(need_dx)
+    tdy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())
+
+    def run() -> None:
+        y = module(tx)
+        (torch.relu(y) if relu else y).backward(tdy)
+        module.zero_grad(set_to_none=True)
+        tx.grad = None
+    return run
+
+
+def layers(image_size: int, widths: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
+    """(op, side, channels in, channels out) of every conv and batch norm, in order."""
+    out, c_in, side = [], 1, image_size
+    for i, c in enumerate(widths, 1):
+        for j, c_from in enumerate((c_in, c), 1):
+            out += [(f"block{i}.conv{j}", side, c_from, c), (f"block{i}.bn{j}+relu", side, c, c)]
+        c_in, side = c, side // 2
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    widths = tuple(deep_cnn.get_config().model.kwargs.widths)
+    rng = np.random.default_rng(0)
+    shared = dict(batch=args.batch, image_size=args.image_size, device=common.device_name(),
+                  commit=common.commit(), date=datetime.date.today().isoformat(),
+                  torch_threads=torch.get_num_threads())
+    records, totals = [], {"pneumojax": 0.0, "pytorch": 0.0}
+    for op, side, c_in, c_out in layers(args.image_size, widths):
+        x = rng.random((args.batch, side, side, c_in), np.float32)
+        dy = rng.random((args.batch, side, side, c_out), np.float32)
+        need_dx = c_in != 1  # the first convolution: no gradient of the input image
+        if "conv" in op:
+            jax_module = nnx.Conv(c_in, c_out, (3, 3), padding="SAME", use_bias=False,
+                                  rngs=nnx.Rngs(0))
+            torch_module = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        else:
+            jax_module = nnx.BatchNorm(c_out, rngs=nnx.Rngs(0))
+            torch_module = torch.nn.BatchNorm2d(c_out).train()
+        ms = _best_ms({"pneumojax": _jax_op(jax_module, x, dy, need_dx),
+                       "pytorch": _torch_op(torch_module, x, dy, need_dx)}, args.repeats)
+        shape = [args.batch, side, side, c_in, c_out]
+        for framework, value in ms.items():
+            totals[framework] += value
+            records.append(dict(shared, op=op, shape=shape, framework=framework, ms=value))
+        print(f"{op:<16} {side:>4} px {c_in:>4}->{c_out:<4} pneumojax {ms['pneumojax']:7.1f} ms"
+              f"  pytorch {ms['pytorch']:7.1f} ms  ratio {ms['pytorch'] / ms['pneumojax']:.2f}x",
+              flush=True)
+    print(f"{'all':<16} pneumojax {totals['pneumojax']:.0f} ms  pytorch {totals['pytorch']:.0f} ms")
+    common.merge_results(args.out, records, KEY)
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
