@@ -10,8 +10,8 @@ at each spatial stage:
 - pointing: the share of images whose map peaks inside a lesion mask dilated by half a
   feature cell (a peak can be placed no finer than a cell);
 - mass: the share of the map's sum inside the masks, and inside the dilated masks;
-- bound: the mass of a map equal to each cell's lesion fraction, upsampled the same way: what
-  a perfect map can reach on that grid.
+- ideal_mass: the mass of an ideal map at that grid, each cell its lesion fraction, upsampled
+  the same way: a reference for what the grid allows (not a strict bound).
 
 `tests/test_gradcam.py` runs the first command's model. Results merge into
 experiments/results/localisation.json, one record per (model, data, stage, method).
@@ -87,7 +87,8 @@ def _mass(maps: np.ndarray, region: np.ndarray) -> float:
 
 
 def measure(model: dict, *, layer: str | None = None, method: str = gradcam.METHODS[0]) -> dict:
-    """Pointing game, mass and its bound for one stage and method, on the PNEUMONIA images."""
+    """Pointing game, mass and the ideal map's mass for one stage and method, on the
+    PNEUMONIA images."""
     layer = layer or model["layer"]
     sick = model["labels"] == 1
     images, masks = model["images"][sick], model["masks"][sick]
@@ -104,7 +105,7 @@ def measure(model: dict, *, layer: str | None = None, method: str = gradcam.METH
                 auc=model["auc"],
                 pointing=float(dilated.reshape(len(maps), -1)[np.arange(len(maps)), peak].mean()),
                 mass=_mass(maps, masks), mass_dilated=_mass(maps, dilated),
-                bound=_mass(ideal, masks), area=float(masks.mean()),
+                ideal_mass=_mass(ideal, masks), area=float(masks.mean()),
                 area_dilated=float(dilated.mean()))
 
 
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             r = measure(model, layer=layer, method=method)
             records.append(dict(shared, **r))
             print(f"{layer} ({r['grid']}x{r['grid']}) {method:<9} pointing {r['pointing']:.3f}  "
-                  f"mass {r['mass']:.3f} (bound {r['bound']:.3f})  dilated by {r['radius']} px: "
+                  f"mass {r['mass']:.3f} (ideal {r['ideal_mass']:.3f})  dilated by {r['radius']} px: "
                   f"{r['mass_dilated']:.3f} of the mass in {r['area_dilated']:.3f} of the image")
     common.merge_results(args.out, records, KEY)
     print(f"written: {args.out}")
