@@ -35,8 +35,7 @@ def probabilities(workdir: str | pathlib.Path, data: str = "tfds:validation", *,
     """Per method: labels and P(PNEUMONIA) original / salient-blurred / random-blurred. The
     random pixels depend only on the batch, so every method is compared with the same ones."""
     config, graphdef, state, _, step = train.restore(workdir, checkpoint)
-    layer = layer or gradcam.default_layer(config.model.name, config.data.image_size,
-                                           **config.model.kwargs)
+    layer = layer or gradcam.config_layer(config)
     examples = evaluate.load_images(data, config)[0]
     out = {m: {k: [] for k in ("label", "original", "salient", "random")} for m in methods}
     for i, batch in enumerate(pdata.eval_batches(examples, batch_size=batch_size)):

@@ -67,16 +67,12 @@ def trained_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     if not (pathlib.Path(workdir) / "summary.json").exists():
         train.train_and_evaluate(config, workdir)
     config, graphdef, state, meta, _ = train.restore(workdir)
-    d = config.data
-    name = data.ensure_prepared(d.source, data_dir=d.data_dir, image_size=d.image_size,
-                                validation_fraction=d.validation_fraction,
-                                seed=config.train.seed, synthetic_count=d.synthetic_count)
+    name, data_dir = train.prepare_data(config), config.data.data_dir
     examples = [e for split in ("validation", "test")
-                for e in data.data_source(name, split, data_dir=d.data_dir, with_lesion_mask=True)]
+                for e in data.data_source(name, split, data_dir=data_dir, with_lesion_mask=True)]
     return dict(config=config, graphdef=graphdef, state=state,
                 auc=meta["validation"]["roc_auc"],
-                layer=gradcam.default_layer(config.model.name, d.image_size,
-                                            **config.model.kwargs),
+                layer=gradcam.config_layer(config),
                 images=np.stack([e["image"] for e in examples]),
                 labels=np.array([e["label"] for e in examples]),
                 masks=np.stack([e["lesion_mask"][..., 0] for e in examples]).astype(bool))

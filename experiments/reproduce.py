@@ -46,7 +46,6 @@ import jax
 import ml_collections
 from absl import logging
 
-from pneumojax import data as pdata
 from pneumojax import evaluate, train, weights
 from pneumojax.data import builder
 
@@ -207,9 +206,7 @@ def train_or_reuse(p: Plan, retrain: bool) -> dict:
         return dict(info, reused=True)
     c = p.config
     # Prepared outside the timer: the wall time is training, not decoding the source.
-    pdata.ensure_prepared(c.data.source, data_dir=c.data.data_dir, image_size=c.data.image_size,
-                          validation_fraction=c.data.validation_fraction, seed=c.train.seed,
-                          synthetic_count=c.data.synthetic_count)
+    train.prepare_data(c)
     resumed = (p.workdir / "checkpoints").is_dir() and any((p.workdir / "checkpoints").iterdir())
     start = time.perf_counter()
     train.train_and_evaluate(c, p.workdir)

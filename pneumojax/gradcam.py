@@ -168,6 +168,12 @@ def default_layer(model_name: str, image_size: int, **model_kwargs) -> str:
     fine = [k for k, shape in shapes.items() if min(shape[1:3]) >= MIN_GRID]
     return fine[-1] if fine else next(iter(shapes))
 
+
+def config_layer(config) -> str:
+    """`default_layer` of a run's config (`model.name`, `model.kwargs`, `data.image_size`)."""
+    return default_layer(config.model.name, config.data.image_size, **config.model.kwargs)
+
+
 def gaussian_blur(images: jax.Array, sigma: float) -> jax.Array:
     """Separable Gaussian blur of float (B, H, W, C) images, edges replicated: the deletion
     test's stand-in for "this region carries no detail", keeping its mean brightness."""

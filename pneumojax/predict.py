@@ -41,8 +41,7 @@ def predict(workdir: str | pathlib.Path, paths: Sequence[str | pathlib.Path], *,
             checkpoint: str = "best", batch_size: int = 16) -> Iterator[dict]:
     """One record per file, in order: a prediction with its overlay, or the file's error."""
     config, graphdef, state, meta, step = train.restore(workdir, checkpoint)
-    layer = layer or gradcam.default_layer(config.model.name, config.data.image_size,
-                                           **config.model.kwargs)
+    layer = layer or gradcam.config_layer(config)
     size, threshold = config.data.image_size, float(meta["threshold"])
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

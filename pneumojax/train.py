@@ -252,6 +252,15 @@ class _Log:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def prepare_data(config: ml_collections.ConfigDict) -> str:
+    """The config name of the data set `config.data` asks for, prepared first if it is not
+    there with exactly these settings (split fraction, seed, synthetic count)."""
+    d = config.data
+    return pdata.ensure_prepared(d.source, data_dir=d.data_dir, image_size=d.image_size,
+                                 validation_fraction=d.validation_fraction,
+                                 seed=config.train.seed, synthetic_count=d.synthetic_count)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> State:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -270,10 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # Data: prepared once (by process 0 in a multi-host run), then read by every process.
     name = builder.config_name(c.data.source, c.data.image_size)
     if jax.process_index() == 0:
-        name = pdata.ensure_prepared(c.data.source, data_dir=c.data.data_dir,
-                                     image_size=c.data.image_size,
-                                     validation_fraction=c.data.validation_fraction,
-                                     seed=c.train.seed, synthetic_count=c.data.synthetic_count)
+        name = prepare_data(c)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("data prepared")
@@ -470,8 +476,7 @@ def gradcam_grid(config, graphdef_eval, state: State, source, labels: np.ndarray
         titles += [f"{name} p={probs[r]:.2f}" for r in rows] + [""] * (per_cell - len(rows))
     picks = np.array(picks)
     params = jax.device_get({"params": state["params"], "rest": state["rest"]})
-    layer = gradcam.default_layer(config.model.name, config.data.image_size,
-                                  **config.model.kwargs)
+    layer = gradcam.config_layer(config)
     blank = np.full_like(source[int(index[0])]["image"], 255)  # white on white: invisible
     images = np.stack([source[int(index[r])]["image"] if r >= 0 else blank for r in picks])
     maps = np.zeros(images.shape[:3], np.float32)

@@ -68,8 +68,7 @@ def test_maps_change_when_the_top_stage_is_randomised(restored, synthetic):
     averaged over the others.
     """
     config, graphdef, state = restored
-    layer = gradcam.default_layer(config.model.name, config.data.image_size,
-                                  **config.model.kwargs)
+    layer = gradcam.config_layer(config)
     top = (f"['blocks'][{int(layer.removeprefix('block')) - 1}]", "['hidden']", "['head']")
     source = data.data_source(synthetic[1], "validation", data_dir=synthetic[0])
     images = np.stack([source[i]["image"] for i in range(len(source))])
@@ -212,8 +211,7 @@ def test_training_ends_with_a_grid_of_each_confusion_cell(restored, trained, syn
     blank = np.full_like(source[0]["image"], 255)
     images = np.stack([source[int(i)]["image"] if i is not None else blank for i in expected])
     np.testing.assert_array_equal(drawn["images"], images)
-    layer = gradcam.default_layer(config.model.name, config.data.image_size,
-                                  **config.model.kwargs)
+    layer = gradcam.config_layer(config)
     for row, ((_, pred), i) in enumerate(zip(kinds, expected)):  # the predicted class's map
         if i is None:
             assert not drawn["overlays"][row].any()

@@ -69,7 +69,7 @@ def _max_pool2_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]
 
 def _max_pool2_bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
     x, y = residuals
-    a, b, c, d = _window(x)
+    a, b, c, _ = _window(x)  # the last corner takes what the others do not
     # First maximum wins; if none compares equal (NaN), the last corner takes the gradient.
     take_a = a == y
     take_b = ~take_a & (b == y)
