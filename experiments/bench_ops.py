@@ -6,10 +6,15 @@
 `bench_train.py` times whole steps; this times each of the deep CNN's convolutions (forward,
 then the gradients of input and kernel, as training needs them) and each batch norm + ReLU
 (forward and backward, training mode), with the same shapes and in float32 on both sides:
-`nnx.Conv` and `nnx.BatchNorm` jitted against `torch.nn.Conv2d` and `BatchNorm2d` (NCHW, eager).
-The first convolution's input gradient is skipped on both sides, as training skips it. Each
-time is the best of `--repeats` calls after a warm-up, the two frameworks taking turns. Results merge into
+`nnx.Conv` (through the models' `models.conv`) and `nnx.BatchNorm` jitted against
+`torch.nn.Conv2d` and `BatchNorm2d` (NCHW, eager). The first convolution's input gradient is
+skipped on both sides, as training skips it. Each time is the best of `--repeats` calls after
+a warm-up, the two frameworks taking turns. Results merge into
 experiments/results/bench_ops.json.
+
+Alone, each op's input is a stored array. Inside a step, XLA can fuse the batch norm that
+produced it into the op's first pass, so this cannot see costs that come from composition
+(see `models.conv`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from configs import deep_cnn
 from experiments import common
+from pneumojax.models import conv
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_ops.json"
 KEY = ("op", "shape", "framework", "device")
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         need_dx = c_in != 1  # the first convolution: no gradient of the input image
         if "conv" in op:
             jax_module = nnx.Conv(c_in, c_out, (3, 3), padding="SAME", use_bias=False,
+                                  conv_general_dilated=conv.conv_general_dilated,
                                   rngs=nnx.Rngs(0))
             torch_module = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         else:

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
+from pneumojax.models.conv import conv_general_dilated
+
 Intermediates = dict[str, jax.Array]
 
 
@@ -106,7 +108,8 @@ class ShallowCNN(nnx.Module):
         widths = (width, 2 * width, 4 * width)
         self.convs = nnx.List([
             nnx.Conv(c_in, c_out, (3, 3), padding="SAME", kernel_init=nnx.initializers.he_normal(),
-                     dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                     dtype=dtype, param_dtype=jnp.float32,
+                     conv_general_dilated=conv_general_dilated, rngs=rngs)
             for c_in, c_out in zip((in_channels, *widths[:-1]), widths)
         ])
         self.head = nnx.Linear(widths[-1], 1, param_dtype=jnp.float32, rngs=rngs)
@@ -126,7 +129,8 @@ class ConvBlock(nnx.Module):
     def __init__(self, c_in: int, c_out: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
         # No conv bias: the BatchNorm right after would cancel it.
         conv = dict(kernel_size=(3, 3), padding="SAME", use_bias=False, dtype=dtype,
-                    param_dtype=jnp.float32, kernel_init=nnx.initializers.he_normal(), rngs=rngs)
+                    param_dtype=jnp.float32, kernel_init=nnx.initializers.he_normal(),
+                    conv_general_dilated=conv_general_dilated, rngs=rngs)
         bn = dict(momentum=0.9, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.conv1 = nnx.Conv(c_in, c_out, **conv)
         self.bn1 = nnx.BatchNorm(c_out, **bn)

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from pneumojax.models.cnn import Intermediates, Standardize, global_pool
+from pneumojax.models.conv import conv_general_dilated
 
 VARIANTS = ("v1.5", "v1")
 EXPANSION = 4
@@ -62,7 +63,7 @@ class Bottleneck(nnx.Module):
     ):
         v1 = variant == "v1"
         conv = dict(use_bias=v1, dtype=dtype, param_dtype=jnp.float32, kernel_init=_kaiming,
-                    rngs=rngs)
+                    conv_general_dilated=conv_general_dilated, rngs=rngs)
         bn = dict(momentum=0.9, epsilon=1.001e-5 if v1 else 1e-5, dtype=dtype,
                   param_dtype=jnp.float32, rngs=rngs)
         c_out = planes * EXPANSION
