@@ -85,8 +85,9 @@ def _batch(c: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
             rng.integers(0, 2, (b,), dtype=np.int32))
 
 
-def pneumojax_step(c: ml_collections.ConfigDict) -> Step:
-    """The trainer's jitted train step on a fixed batch, its state carried from call to call."""
+def pneumojax_step(c: ml_collections.ConfigDict, hlo_to: pathlib.Path | None = None) -> Step:
+    """The trainer's jitted train step on a fixed batch, its state carried from call to call;
+    `hlo_to` receives the compiled step's HLO."""
     mesh = sharding.make_mesh(c.train.num_devices)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     _, _, state = train.build(c, pretrained=False)
@@ -100,6 +101,8 @@ def pneumojax_step(c: ml_collections.ConfigDict) -> Step:
                      in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0)
     images, labels = _batch(c)
     batch = sharding.global_batch({"image": images, "label": labels}, mesh)
+    if hlo_to:
+        hlo_to.write_text(jitted.lower(state, batch).compile().as_text())
     box = [state]
 
     def run() -> None:

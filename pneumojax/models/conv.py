@@ -5,14 +5,14 @@ Why: a kernel gradient is a convolution that sums over the batch, and XLA:CPU's 
 want the summed dimension innermost, so XLA transposes every layer's input from (N, H, W, C)
 to (C, H, W, N). When that input is a batch norm + ReLU output, XLA fuses the normalisation
 into the transpose: it recomputes it element by element in the transposed order. That is a
-strided gather, about 3x slower than the plain transpose of the stored activation. It took
-363 ms of the deep CNN's 4.2 s step at 128 px (batch 64, 2-core Xeon; the plain transpose
-takes 92 ms). Here the layer's input is transposed inside a `lax.cond`. XLA fuses nothing
-across a conditional, so the transpose reads the stored activation. The deep CNN's step at
-128 px runs ~8 % faster (`experiments/bench_train.py`).
+strided gather, about 3x slower than the plain transpose of the stored activation. For the
+deep CNN's first block alone it took 363 ms of a 4.2 s step at 128 px (batch 64, 2-core Xeon;
+the plain transpose takes 92 ms). Here the layer's input is transposed inside a `lax.cond`.
+XLA fuses nothing across a conditional, so the transpose reads the stored activation. The deep
+CNN's step at 128 px runs 7-9 % faster (the same step, A/B in one process).
 
-Values and gradients are those of `lax.conv_general_dilated`, bit for bit, forward and
-reverse mode alike: it is a `custom_jvp` whose tangent in the kernel is the same
+Values and derivatives are those of `lax.conv_general_dilated` (tests/test_conv.py), in
+forward and reverse mode: it is a `custom_jvp` whose tangent in the kernel is the same
 convolution, with its input transposed in advance. It applies to stride-1, undilated,
 ungrouped NHWC/HWIO convolutions on the CPU backend, so to every convolution of the CNNs
 and most of ResNet50's; any other call goes straight to `lax.conv_general_dilated`.
