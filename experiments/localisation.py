@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
             r = measure(model, layer=layer, method=method)
             records.append(dict(shared, **r))
             print(f"{layer} ({r['grid']}x{r['grid']}) {method:<9} pointing {r['pointing']:.3f}  "
-                  f"mass {r['mass']:.3f} (ideal {r['ideal_mass']:.3f})  dilated by {r['radius']} px: "
-                  f"{r['mass_dilated']:.3f} of the mass in {r['area_dilated']:.3f} of the image")
+                  f"mass {r['mass']:.3f} (ideal {r['ideal_mass']:.3f})  "
+                  f"dilated by {r['radius']} px: {r['mass_dilated']:.3f} of the mass in "
+                  f"{r['area_dilated']:.3f} of the image")
     common.merge_results(args.out, records, KEY)
     print(f"written: {args.out}")
 
