@@ -39,7 +39,11 @@ def get_config(arg: str | None = None):
         c.model.kwargs.width = 8
         c.train.batch_size = 32
         c.train.eval_batch_size = 64
-        c.train.epochs = 20.0
+        # From scratch on 300 images its first steps are chaotic: a run can sit at chance for
+        # up to ten epochs before it learns, and which run does changes with float rounding
+        # (README, "Results and training speed"). 30 epochs and a patience of 10 let all learn.
+        c.train.epochs = 30.0
+        c.train.patience = 10
         c.train.learning_rate = 3e-3
         c.train.log_every = 5
     elif arg in ("scratch", "cpu"):  # full width; random weights need no discriminative rates

@@ -6,7 +6,7 @@
 `bench_train.py` times whole steps; this times each of the deep CNN's convolutions (forward,
 then the gradients of input and kernel, as training needs them) and each batch norm + ReLU
 (forward and backward, training mode), with the same shapes and in float32 on both sides:
-`nnx.Conv` (through the models' `models.conv`) and `nnx.BatchNorm` jitted against
+`nnx.Conv` (through the models' `models.conv`) and `models.norm.BatchNorm` jitted against
 `torch.nn.Conv2d` and `BatchNorm2d` (NCHW, eager). The first convolution's input gradient is
 skipped on both sides, as training skips it. Each time is the best of `--repeats` calls after
 a warm-up, the two frameworks taking turns. Results merge into
@@ -33,7 +33,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from configs import deep_cnn
 from experiments import common
-from pneumojax.models import conv
+from pneumojax.models import conv, norm
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_ops.json"
 KEY = ("op", "shape", "framework", "device")
@@ -55,7 +55,7 @@ def _best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, fl
 
 def _jax_op(module: nnx.Module, x: np.ndarray, dy: np.ndarray, need_dx: bool) -> Callable:
     graphdef, state = nnx.split(module)
-    relu = isinstance(module, nnx.BatchNorm)
+    relu = isinstance(module, norm.BatchNorm)
 
     def forward(state: nnx.State, x: jax.Array) -> jax.Array:
         y = nnx.merge(graphdef, state)(x)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                                   rngs=nnx.Rngs(0))
             torch_module = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         else:
-            jax_module = nnx.BatchNorm(c_out, rngs=nnx.Rngs(0))
+            jax_module = norm.BatchNorm(c_out, rngs=nnx.Rngs(0))
             torch_module = torch.nn.BatchNorm2d(c_out).train()
         ms = _best_ms({"pneumojax": _jax_op(jax_module, x, dy, need_dx),
                        "pytorch": _torch_op(torch_module, x, dy, need_dx)}, args.repeats)

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from pneumojax.models.conv import conv_general_dilated
+from pneumojax.models.norm import BatchNorm
 
 Intermediates = dict[str, jax.Array]
 
@@ -133,9 +134,9 @@ class ConvBlock(nnx.Module):
                     conv_general_dilated=conv_general_dilated, rngs=rngs)
         bn = dict(momentum=0.9, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.conv1 = nnx.Conv(c_in, c_out, **conv)
-        self.bn1 = nnx.BatchNorm(c_out, **bn)
+        self.bn1 = BatchNorm(c_out, **bn)
         self.conv2 = nnx.Conv(c_out, c_out, **conv)
-        self.bn2 = nnx.BatchNorm(c_out, **bn)
+        self.bn2 = BatchNorm(c_out, **bn)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.bn1(self.conv1(x)))

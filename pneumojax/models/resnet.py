@@ -37,6 +37,7 @@ from jax.typing import DTypeLike
 
 from pneumojax.models.cnn import Intermediates, Standardize, global_pool
 from pneumojax.models.conv import conv_general_dilated
+from pneumojax.models.norm import BatchNorm
 
 VARIANTS = ("v1.5", "v1")
 EXPANSION = 4
@@ -69,20 +70,20 @@ class Bottleneck(nnx.Module):
         c_out = planes * EXPANSION
         stride_1x1, stride_3x3 = (stride, 1) if v1 else (1, stride)
         self.conv1 = nnx.Conv(c_in, planes, (1, 1), strides=stride_1x1, padding="VALID", **conv)
-        self.bn1 = nnx.BatchNorm(planes, **bn)
+        self.bn1 = BatchNorm(planes, **bn)
         self.conv2 = nnx.Conv(planes, planes, (3, 3), strides=stride_3x3,
                               padding=((1, 1), (1, 1)), **conv)
-        self.bn2 = nnx.BatchNorm(planes, **bn)
+        self.bn2 = BatchNorm(planes, **bn)
         self.conv3 = nnx.Conv(planes, c_out, (1, 1), padding="VALID", **conv)
         # Zero scale makes each block start as the identity (Goyal et al., 2017).
-        self.bn3 = nnx.BatchNorm(c_out, **bn, scale_init=(
+        self.bn3 = BatchNorm(c_out, **bn, scale_init=(
             nnx.initializers.zeros_init() if zero_init_residual else nnx.initializers.ones_init()))
         self.downsample_conv: nnx.Conv | None
-        self.downsample_bn: nnx.BatchNorm | None
+        self.downsample_bn: BatchNorm | None
         if stride != 1 or c_in != c_out:
             self.downsample_conv = nnx.Conv(c_in, c_out, (1, 1), strides=stride, padding="VALID",
                                             **conv)
-            self.downsample_bn = nnx.BatchNorm(c_out, **bn)
+            self.downsample_bn = BatchNorm(c_out, **bn)
         else:
             self.downsample_conv = self.downsample_bn = None
 
@@ -125,8 +126,8 @@ class ResNet50(nnx.Module):
         self.conv1 = nnx.Conv(in_channels, width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
                               use_bias=v1, dtype=dtype, param_dtype=jnp.float32,
                               kernel_init=_kaiming, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(width, momentum=0.9, epsilon=1.001e-5 if v1 else 1e-5,
-                                 dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.bn1 = BatchNorm(width, momentum=0.9, epsilon=1.001e-5 if v1 else 1e-5,
+                             dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         c_in = width
         stages = []
         for s, size in enumerate(stage_sizes):
