@@ -302,7 +302,7 @@ def test_gradcam_localises_phantom_lesions(localisation_scores):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "not reached: this 30 s model points at ~77 % with ~11 % of its map's mass in the masks. "
+    "not reached: this 30 s model points at ~78 % with ~11 % of its map's mass in the masks. "
     "experiments/results/localisation.json: trained longer (16-32-32, 1,200 phantoms, 15 "
     "epochs) pointing is 97.4 % but mass 17 %, and a model whose last stage is 16x16 also "
     "holds 17 %. The maps sit on and around the lesions, which cover 4 % of the image: the "
