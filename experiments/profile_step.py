@@ -25,7 +25,7 @@ import time
 import jax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
+sys.path.insert(0, str(ROOT))  # run as a script
 
 from experiments import bench_train, common
 

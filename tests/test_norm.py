@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pneumojax import models
 from pneumojax.models.norm import BatchNorm, batch_norm_train
 
 
@@ -86,14 +87,13 @@ def test_gradients_stay_within_float32_rounding_of_float64(offset):
 
 def test_a_whole_models_gradients_match_flaxs_batch_norm(monkeypatch):
     """DeepCNN, every batch norm in training mode: the same gradients as with nnx.BatchNorm."""
-    from pneumojax import models
-
     x = jnp.asarray(np.random.default_rng(4).random((4, 32, 32, 1)), jnp.float32)
     y = jnp.asarray([0.0, 1.0, 1.0, 0.0])
 
     def grads() -> list[jax.Array]:
         model = models.create("deep_cnn", widths=(4, 8, 8), hidden=8, dropout=0.0,
                               rngs=nnx.Rngs(0))
+
         def loss(m: nnx.Module) -> jax.Array:
             logits = m(x)[0]
             return jnp.mean(jax.nn.softplus(logits) - y * logits)
