@@ -36,20 +36,21 @@ from experiments import common
 from pneumojax import data, gradcam, train
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "localisation.json"
-KEY = ("widths", "hidden", "count", "epochs", "image_size", "layer", "method", "device")
+KEY = ("widths", "hidden", "pool_r", "count", "epochs", "image_size", "seed", "layer", "method",
+       "device")
 
 
 def phantom_config(data_dir: str | pathlib.Path, *, image_size: int = 64, count: int = 320,
-                   widths: tuple[int, ...] = (8, 16, 16), hidden: int = 16,
-                   epochs: float = 10.0) -> ml_collections.ConfigDict:
+                   widths: tuple[int, ...] = (8, 16, 16), hidden: int = 16, pool_r: float = 0.0,
+                   epochs: float = 10.0, seed: int = 0) -> ml_collections.ConfigDict:
     """configs/deep_cnn.py, narrowed and sized for phantoms: a quarter held out for validation
     (and as many again as test), and validation every 40 steps for the best checkpoint."""
     c = deep_cnn.get_config()
     c.data.update(source="synthetic", data_dir=str(data_dir), image_size=image_size,
                   synthetic_count=count, validation_fraction=0.25)
-    c.model.kwargs.update(widths=tuple(widths), hidden=hidden)
+    c.model.kwargs.update(widths=tuple(widths), hidden=hidden, pool_r=pool_r)
     c.train.update(batch_size=32, eval_batch_size=64, epochs=epochs, learning_rate=3e-3,
-                   eval_every=40, patience=100)
+                   eval_every=40, patience=100, seed=seed)
     return c
 
 
@@ -60,10 +61,12 @@ def trained_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     if (pathlib.Path(workdir) / "config.json").exists():
         saved = train.load_config(workdir)
         fields = lambda c: json.loads(json.dumps([c.model.kwargs.to_dict(), c.data.image_size,
-                                                  c.data.synthetic_count, c.train.epochs]))
+                                                  c.data.synthetic_count, c.train.epochs,
+                                                  c.train.seed]))
         if fields(saved) != fields(config):
             raise ValueError(f"{workdir}: holds a run of {fields(saved)}, not {fields(config)} "
-                             "(model kwargs, image size, phantoms, epochs); use another workdir")
+                             "(model kwargs, image size, phantoms, epochs, seed); use another "
+                             "workdir")
     if not (pathlib.Path(workdir) / "summary.json").exists():
         train.train_and_evaluate(config, workdir)
     config, graphdef, state, meta, _ = train.restore(workdir)
@@ -111,9 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     ints = lambda s: tuple(int(v) for v in s.split(","))
     parser.add_argument("--widths", type=ints, default=(8, 16, 16))
     parser.add_argument("--hidden", type=int, default=16)
+    parser.add_argument("--pool-r", type=float, default=0.0,
+                        help="global pooling: 0 is the mean, r > 0 log-sum-exp (models.cnn)")
     parser.add_argument("--count", type=int, default=320, help="phantoms, all splits")
     parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--layers", help="comma-separated stages (default: every spatial one)")
     parser.add_argument("--methods", default=",".join(gradcam.METHODS))
     parser.add_argument("--workdir", type=pathlib.Path, help="default: workdirs/localisation/...")
@@ -121,17 +127,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the phantoms are prepared (default: WORKDIR/data)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
-    tag = (f"w{'-'.join(map(str, args.widths))}_h{args.hidden}_n{args.count}"
-           f"_e{args.epochs:g}_{args.image_size}px")
+    tag = (f"w{'-'.join(map(str, args.widths))}_h{args.hidden}_r{args.pool_r:g}_n{args.count}"
+           f"_e{args.epochs:g}_{args.image_size}px_s{args.seed}")
     workdir = args.workdir or common.ROOT / "workdirs" / "localisation" / tag
     config = phantom_config(args.data_dir or workdir / "data", image_size=args.image_size,
                             count=args.count, widths=args.widths, hidden=args.hidden,
-                            epochs=args.epochs)
+                            pool_r=args.pool_r, epochs=args.epochs, seed=args.seed)
     model = trained_model(config, workdir)
     layers = (args.layers.split(",") if args.layers
               else [f"block{i + 1}" for i in range(len(args.widths))])
-    shared = dict(widths=list(args.widths), hidden=args.hidden, count=args.count,
-                  epochs=args.epochs, image_size=args.image_size, workdir=str(workdir),
+    shared = dict(widths=list(args.widths), hidden=args.hidden, pool_r=args.pool_r,
+                  count=args.count, epochs=args.epochs, image_size=args.image_size,
+                  seed=args.seed, workdir=str(workdir),
                   device=common.device_name(), commit=common.commit(),
                   date=datetime.date.today().isoformat())
     records = []

@@ -224,3 +224,48 @@ def test_max_pool2_matches_xla_values_and_gradients_with_ties_and_odd_sizes():
         pool(x).shape)).sum()
     np.testing.assert_array_equal(max_pool2(x), reference(x))
     np.testing.assert_array_equal(jax.grad(weigh(max_pool2))(x), jax.grad(weigh(reference))(x))
+
+
+def test_global_pool_runs_from_the_mean_to_the_max_and_weights_positions_by_softmax():
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    pool = models.cnn.global_pool
+    np.testing.assert_allclose(pool(x), x.mean((1, 2)), rtol=1e-6)
+    x64 = x.astype(np.float64).reshape(2, 35, 3)
+    for r in (0.5, 10.0):
+        expected = np.log(np.mean(np.exp(r * x64), axis=1)) / r
+        np.testing.assert_allclose(pool(x, r), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pool(x, 1e-4), x.mean((1, 2)), atol=1e-4)  # no cancellation
+    # max - log(N) / r <= LSE_r <= max: the max is the limit.
+    big = np.asarray(pool(x, 1e3))
+    assert np.all(big <= x.max((1, 2)) + 1e-5) and np.all(big >= x.max((1, 2)) - np.log(35) / 1e3)
+    # Evidence counts where it is strongest: the gradient is softmax(r x) over positions.
+    grad = jax.grad(lambda v: pool(v, 10.0).sum())(x).reshape(2, 35, 3)
+    np.testing.assert_allclose(grad, jax.nn.softmax(10.0 * x64, axis=1), rtol=1e-4, atol=1e-7)
+    # Stable where exp(r x) overflows float32, and float32 out of a bf16 body.
+    out = pool(jnp.full((1, 4, 4, 2), 100.0, jnp.bfloat16), 10.0)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, 100.0)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("shallow_cnn", dict(width=4)),
+    ("deep_cnn", dict(widths=(4, 4, 4, 4), hidden=8)),
+    ("resnet50", dict(width=4, stage_sizes=(1, 1, 1, 1))),
+])
+def test_pool_r_sets_every_models_global_pooling(name, kwargs):
+    # 64 px: ResNet's last stage is 2x2 there (1x1 at 32 px, where every pooling agrees).
+    x = np.random.default_rng(2).uniform(size=(2, 64, 64, 1)).astype(np.float32)
+    pooled = {}
+    for r in (0.0, 10.0):
+        model = models.create(name, pool_r=r, rngs=nnx.Rngs(0), **kwargs)
+        model.eval()
+        _, inter = model(x)
+        last = inter[STAGES[name][-2]]
+        features = models.cnn.global_pool(last, r)
+        if name == "deep_cnn":
+            features = nnx.relu(model.hidden(features))
+        np.testing.assert_allclose(inter["pre_logits"], features, rtol=1e-6)
+        pooled[r] = features
+    assert not np.allclose(pooled[0.0], pooled[10.0])  # same weights, another pooling
+    with pytest.raises(ValueError, match="pool_r must be >= 0"):
+        models.create(name, pool_r=-1.0, rngs=nnx.Rngs(0), **kwargs)

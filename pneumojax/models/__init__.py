@@ -10,7 +10,9 @@ feature extraction never special-case an architecture:
 - `model.train()` / `model.eval()` switch BatchNorm and Dropout; dropout draws from
   the "dropout" stream of the `rngs` given at construction (else "default");
 - inputs are standardised inside the model with `standardize.mean` / `.std`
-  (`nnx.Variable`s, set by `input_mean` / `input_std`).
+  (`nnx.Variable`s, set by `input_mean` / `input_std`);
+- `pool_r` sets the global pooling before the head: 0 (the default) is the mean,
+  r > 0 log-sum-exp pooling, which localises better (`cnn.global_pool`).
 """
 
 import jax

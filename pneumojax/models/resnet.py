@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from pneumojax.models.cnn import Intermediates, Standardize, global_pool
+from pneumojax.models.cnn import Intermediates, Standardize, check_pool_r, global_pool
 from pneumojax.models.conv import conv_general_dilated
 from pneumojax.models.norm import BatchNorm
 
@@ -98,7 +98,8 @@ class Bottleneck(nnx.Module):
 
 
 class ResNet50(nnx.Module):
-    """Stem, four bottleneck stages (`layer1`..`layer4`), GAP, one-logit `head`.
+    """Stem, four bottleneck stages (`layer1`..`layer4`), global pooling (`pool_r`: see
+    `global_pool`), one-logit `head`.
 
     `width` and `stage_sizes` exist for tiny test variants; the defaults are ResNet50.
     Stage s (1-based) has `width * 2**(s-1)` planes and outputs 4x that many channels.
@@ -112,6 +113,7 @@ class ResNet50(nnx.Module):
         width: int = 64,
         stage_sizes: Sequence[int] = (3, 4, 6, 3),
         zero_init_residual: bool = False,
+        pool_r: float = 0.0,
         input_mean: Sequence[float] = (0.5,),
         input_std: Sequence[float] = (0.25,),
         dtype: DTypeLike = jnp.float32,
@@ -122,6 +124,7 @@ class ResNet50(nnx.Module):
         if len(stage_sizes) != 4:
             raise ValueError(f"ResNet50 has 4 stages, got stage_sizes={stage_sizes}")
         v1 = variant == "v1"
+        self.pool_r = check_pool_r(pool_r)
         self.standardize = Standardize(in_channels, input_mean, input_std)
         self.conv1 = nnx.Conv(in_channels, width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
                               use_bias=v1, dtype=dtype, param_dtype=jnp.float32,
@@ -151,7 +154,7 @@ class ResNet50(nnx.Module):
             for block in stage:
                 x = block(x)
             out[f"stage{s + 1}"] = x
-        x = out["pre_logits"] = global_pool(x)
+        x = out["pre_logits"] = global_pool(x, self.pool_r)
         return self.head(x)[:, 0].astype(jnp.float32), out
 
     @staticmethod
