@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
         name="deep_cnn",
         init="scratch",                  # or imagenet:SOURCE (ResNet50; see pneumojax.weights)
         dtype="float32",                 # "bfloat16": mixed precision, parameters stay float32
-        kwargs=ml_collections.ConfigDict(),  # passed to the model's constructor
+        # Passed to the model's constructor. pool_r: global pooling, 0 = mean, r > 0 log-sum-exp.
+        kwargs=ml_collections.ConfigDict(dict(pool_r=0.0)),
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic",              # folder:PATH | medmnist | synthetic

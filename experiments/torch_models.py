@@ -3,7 +3,7 @@ two frameworks do the same arithmetic.
 
 Same widths, 3x3 convs with padding 1 (XLA's 'SAME' at stride 1), no conv bias before batch
 norm, batch norm eps 1e-5 and momentum 0.1 (nnx's 0.9), 2x2 max-pools that drop an odd last
-row/column, global average pooling, the deep CNN's hidden dense + ReLU + dropout, one logit,
+row/column, global pooling (mean, or log-sum-exp for `pool_r` > 0), the deep CNN's hidden dense + ReLU + dropout, one logit,
 input standardisation inside the model and one input channel. Initialisation is torch's
 default: it does not affect speed. `tests/test_bench_train.py` checks the parameter counts.
 Tensors are NCHW (torch's convention); `channels_last` is the caller's choice.
@@ -11,10 +11,18 @@ Tensors are NCHW (torch's convention); `channels_last` is the caller's choice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+
+def global_pool(x: torch.Tensor, r: float) -> torch.Tensor:
+    """`pneumojax.models.cnn.global_pool` over NCHW: the mean, or log-sum-exp for r > 0."""
+    if r == 0:
+        return x.mean(dim=(2, 3))
+    return (torch.logsumexp(r * x.flatten(2), dim=2) - math.log(x.shape[2] * x.shape[3])) / r
 
 
 class Standardize(nn.Module):
@@ -33,13 +41,14 @@ class Standardize(nn.Module):
 
 
 class ShallowCNN(nn.Module):
-    """pneumojax ShallowCNN: 3 x (conv3x3 with bias, ReLU, max-pool 2), GAP, logit."""
+    """pneumojax ShallowCNN: 3 x (conv3x3 with bias, ReLU, max-pool 2), global pooling, logit."""
 
-    def __init__(self, *, in_channels: int = 1, width: int = 32,
+    def __init__(self, *, in_channels: int = 1, width: int = 32, pool_r: float = 0.0,
                  input_mean: Sequence[float] = (0.5,), input_std: Sequence[float] = (0.25,)):
         super().__init__()
         self.standardize = Standardize(in_channels, input_mean, input_std)
         widths = (width, 2 * width, 4 * width)
+        self.pool_r = pool_r
         layers: list[nn.Module] = []
         for c_in, c_out in zip((in_channels, *widths[:-1]), widths):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True),
@@ -49,7 +58,7 @@ class ShallowCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.standardize(x))
-        return self.head(x.mean(dim=(2, 3)))[:, 0]
+        return self.head(global_pool(x, self.pool_r))[:, 0]
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -63,12 +72,13 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class DeepCNN(nn.Module):
-    """pneumojax DeepCNN: conv blocks, GAP, dense(hidden) + ReLU + dropout, logit."""
+    """pneumojax DeepCNN: conv blocks, global pooling, dense(hidden) + ReLU + dropout, logit."""
 
     def __init__(self, *, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128, 256),
-                 hidden: int = 128, dropout: float = 0.5,
+                 hidden: int = 128, dropout: float = 0.5, pool_r: float = 0.0,
                  input_mean: Sequence[float] = (0.5,), input_std: Sequence[float] = (0.25,)):
         super().__init__()
+        self.pool_r = pool_r
         self.standardize = Standardize(in_channels, input_mean, input_std)
         self.blocks = nn.Sequential(*[conv_block(c_in, c_out) for c_in, c_out
                                       in zip((in_channels, *widths[:-1]), widths)])
@@ -77,7 +87,7 @@ class DeepCNN(nn.Module):
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.standardize(x)).mean(dim=(2, 3))
+        x = global_pool(self.blocks(self.standardize(x)), self.pool_r)
         return self.head(self.dropout(torch.relu(self.hidden(x))))[:, 0]
 
 
@@ -112,9 +122,10 @@ class ResNet50(nn.Module):
 
     def __init__(self, *, in_channels: int = 1, variant: str = "v1.5", width: int = 64,
                  stage_sizes: Sequence[int] = (3, 4, 6, 3), zero_init_residual: bool = False,
-                 input_mean: Sequence[float] = (0.5,), input_std: Sequence[float] = (0.25,)):
+                 pool_r: float = 0.0, input_mean: Sequence[float] = (0.5,), input_std: Sequence[float] = (0.25,)):
         super().__init__()
         v1 = variant == "v1"
+        self.pool_r = pool_r
         self.standardize = Standardize(in_channels, input_mean, input_std)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=v1),
@@ -134,7 +145,7 @@ class ResNet50(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(self.standardize(x)))
-        return self.head(x.mean(dim=(2, 3)))[:, 0]
+        return self.head(global_pool(x, self.pool_r))[:, 0]
 
 
 MODELS: dict[str, type[nn.Module]] = {

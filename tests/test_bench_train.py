@@ -4,6 +4,7 @@ import pathlib
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -30,6 +31,13 @@ def test_torch_models_have_pneumojax_parameter_counts(name, kwargs):
                                                                     **kwargs)))
     theirs = sum(p.numel() for p in torch_models.create(name, **kwargs).parameters())
     assert theirs == ours
+
+
+@pytest.mark.parametrize("r", [0.0, 10.0])
+def test_torch_global_pool_is_pneumojaxs(r):
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    theirs = torch_models.global_pool(torch.from_numpy(x).permute(0, 3, 1, 2), r)
+    np.testing.assert_allclose(theirs.numpy(), models.cnn.global_pool(x, r), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("framework", ["pneumojax", "pytorch"])
