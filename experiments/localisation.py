@@ -2,6 +2,7 @@
 
     python experiments/localisation.py                         # the CI test's model, ~1 min
     python experiments/localisation.py --widths 16,32,32 --hidden 32 --count 1200 --epochs 15
+    python experiments/localisation.py --widths 16,32 --count 1200 --epochs 15 --pool-r 10 --seed 0
 
 Trains a DeepCNN on 64 px phantoms (`pneumojax.data.synthetic`: every PNEUMONIA image carries
 1-3 consolidations and their masks) and, on the held-out PNEUMONIA images, scores each method

@@ -303,10 +303,10 @@ def test_gradcam_localises_phantom_lesions(localisation_scores):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "not reached: this 30 s model points at ~78 % with ~11 % of its map's mass in the masks. "
-    "experiments/results/localisation.json: trained longer (16-32-32, 1,200 phantoms, 15 "
-    "epochs) pointing is 97.4 % but mass 17 %, and a model whose last stage is 16x16 also "
-    "holds 17 %. The maps sit on and around the lesions, which cover 4 % of the image: the "
-    "masks dilated by half a cell (14 % of the image) hold 47 % of the mass"))
+    "experiments/results/localisation.json: with mean pooling no model holds 20 % (16-32-32, "
+    "1,200 phantoms, 15 epochs: pointing 97.4 %, mass 17 %). Log-sum-exp pooling (pool_r=10) "
+    "gives 19-62 % over the 10 of 12 seeded runs that trained, median 38 %; only 3 of 12 meet "
+    "both goals, so no seed of it is a fair test"))
 def test_gradcam_meets_the_issue_localisation_goals(localisation_scores):
     r = localisation_scores
     assert r["pointing"] >= 0.9 and r["mass"] >= 0.5
