@@ -3,9 +3,10 @@ two frameworks do the same arithmetic.
 
 Same widths, 3x3 convs with padding 1 (XLA's 'SAME' at stride 1), no conv bias before batch
 norm, batch norm eps 1e-5 and momentum 0.1 (nnx's 0.9), 2x2 max-pools that drop an odd last
-row/column, global pooling (mean, or log-sum-exp for `pool_r` > 0), the deep CNN's hidden dense + ReLU + dropout, one logit,
-input standardisation inside the model and one input channel. Initialisation is torch's
-default: it does not affect speed. `tests/test_bench_train.py` checks the parameter counts.
+row/column, global pooling (the mean, or log-sum-exp for `pool_r` > 0), the deep CNN's hidden
+dense + ReLU + dropout, one logit, input standardisation inside the model and one input channel.
+Initialisation is torch's default: it does not affect speed. `tests/test_bench_train.py` checks
+the parameter counts.
 Tensors are NCHW (torch's convention); `channels_last` is the caller's choice.
 """
 
@@ -122,7 +123,8 @@ class ResNet50(nn.Module):
 
     def __init__(self, *, in_channels: int = 1, variant: str = "v1.5", width: int = 64,
                  stage_sizes: Sequence[int] = (3, 4, 6, 3), zero_init_residual: bool = False,
-                 pool_r: float = 0.0, input_mean: Sequence[float] = (0.5,), input_std: Sequence[float] = (0.25,)):
+                 pool_r: float = 0.0, input_mean: Sequence[float] = (0.5,),
+                 input_std: Sequence[float] = (0.25,)):
         super().__init__()
         v1 = variant == "v1"
         self.pool_r = pool_r

@@ -12,7 +12,7 @@ feature extraction never special-case an architecture:
 - inputs are standardised inside the model with `standardize.mean` / `.std`
   (`nnx.Variable`s, set by `input_mean` / `input_std`);
 - `pool_r` sets the global pooling before the head: 0 (the default) is the mean,
-  r > 0 log-sum-exp pooling, which localises better (`cnn.global_pool`).
+  r > 0 log-sum-exp pooling, whose Grad-CAM maps are tighter (`cnn.global_pool`).
 """
 
 import jax
