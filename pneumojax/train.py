@@ -461,10 +461,11 @@ def gradcam_grid(config, graphdef_eval, state: State, source, labels: np.ndarray
     """Heat maps of validation images, `per_cell` from each confusion-matrix cell (TP, FN, FP,
     TN), the most confident first, so a reader sees the errors beside the successes.
 
-    One row per cell, empty slots left blank. Each map (the default method of `gradcam.cams`)
-    explains the predicted class at `threshold`: for a missed pneumonia, what the model took
-    as evidence of NORMAL. Runs on this process's devices only, with a host copy
-    of the (replicated) parameters, so process 0 can draw it alone.
+    One row per cell, empty slots left blank; an empty cell's row is titled "no FN" etc. Each
+    map (the default method of `gradcam.cams`) explains the predicted class at `threshold`:
+    for a missed pneumonia, what the model took as evidence of NORMAL. Runs on this process's
+    devices only, with a host copy of the (replicated) parameters, so process 0 can draw it
+    alone.
     """
     predicted = probs >= threshold
     picks, titles = [], []
@@ -473,7 +474,10 @@ def gradcam_grid(config, graphdef_eval, state: State, source, labels: np.ndarray
         rows = np.flatnonzero((labels == truth) & (predicted == pred))
         rows = rows[np.argsort(-probs[rows] if pred else probs[rows], kind="stable")][:per_cell]
         picks += [*rows, *[-1] * (per_cell - len(rows))]  # -1: an empty slot keeps one row a cell
-        titles += [f"{name} p={probs[r]:.2f}" for r in rows] + [""] * (per_cell - len(rows))
+        empty = [""] * (per_cell - len(rows))
+        if not len(rows):
+            empty[0] = f"no {name}"  # a blank row says so, rather than looking like a glitch
+        titles += [f"{name} p={probs[r]:.2f}" for r in rows] + empty
     picks = np.array(picks)
     params = jax.device_get({"params": state["params"], "rest": state["rest"]})
     layer = gradcam.config_layer(config)

@@ -193,6 +193,7 @@ def test_training_ends_with_a_grid_of_each_confusion_cell(restored, trained, syn
     probs = np.random.default_rng(0).uniform(size=len(labels))
     probs[labels == 0] /= 2  # one false positive only: its row has an empty slot
     probs[np.flatnonzero(labels == 0)[0]] = 0.9
+    probs[labels == 1] = 0.5 + probs[labels == 1] / 2  # no false negative: an empty row
     drawn = {}
     monkeypatch.setattr(train.plots, "image_grid",
                         lambda images, path, **kw: drawn.update(kw, images=images))
@@ -205,9 +206,12 @@ def test_training_ends_with_a_grid_of_each_confusion_cell(restored, trained, syn
         rows = (rows if pred else rows[::-1])[:2]  # most confident first
         expected += rows + [None] * (2 - len(rows))  # one row per cell
         kinds += [(name, pred)] * 2
-    assert drawn["titles"] == [f"{k} p={probs[i]:.2f}" if i is not None else ""
-                               for (k, _), i in zip(kinds, expected)]
-    assert None not in expected[:2] and None in expected  # both kinds of row are tested
+    assert drawn["titles"] == [
+        f"{k} p={probs[i]:.2f}" if i is not None
+        else f"no {k}" if slot == 0 else ""  # an empty cell's row is labelled once
+        for slot, ((k, _), i) in zip([0, 1] * 4, zip(kinds, expected))]
+    assert None not in expected[:2] and expected[2:4] == [None, None]  # full and empty rows
+    assert expected[4] is not None and expected[5] is None  # and a row with one empty slot
     blank = np.full_like(source[0]["image"], 255)
     images = np.stack([source[int(i)]["image"] if i is not None else blank for i in expected])
     np.testing.assert_array_equal(drawn["images"], images)
