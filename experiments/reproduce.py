@@ -10,7 +10,7 @@ Writes experiments/results/table.md and table.json (`--out DIR` elsewhere). Rows
 CNN, the deep CNN, ResNet50 from scratch, and ResNet50 fine-tuned from ImageNet, which is
 skipped, with the reason in the table, when its weights are not cached (`python -m
 pneumojax.weights fetch resnet50 --source torchvision-v2`) or, under `--cpu`, when there is
-no GPU. `--cpu` runs each model's `:cpu` config (64 px): about an hour on a 2-core CPU.
+no GPU. `--cpu` runs each model's `:cpu` config (64 px): about 20 minutes on a 2-core CPU.
 
 Each row trains in WORKDIR_ROOT/ROW (`_cpu` added under `--cpu`). A finished workdir of the
 same config is reused, not retrained, and an interrupted one resumes; `--retrain` starts over.
