@@ -229,7 +229,8 @@ def main() -> None:
             for i, (_, step) in enumerate(runs):
                 rounds[i].append(rate(step, args.batch, args.seconds / args.rounds))
         for (meta, _), rates in zip(runs, rounds):
-            records.append(dict(model=label, **meta, images_per_s=round(statistics.median(rates), 2),
+            records.append(dict(model=label, **meta,
+                                images_per_s=round(statistics.median(rates), 2),
                                 round_rates=[round(r, 2) for r in rates], model_kwargs=kwargs,
                                 augment=False, **shared))
             print(json.dumps(records[-1]), flush=True)

@@ -1,7 +1,8 @@
 """Where the trainer's step spends its time, kernel by kernel, from a `jax.profiler` trace.
 
     python experiments/profile_step.py                                # deep CNN, 128 px, batch 64
-    python experiments/profile_step.py --model resnet50 --image-size 224 --batch 256 --dtype bfloat16
+    python experiments/profile_step.py --model resnet50 --image-size 224 --batch 256 \
+        --dtype bfloat16
 
 It jits `bench_train.pneumojax_step` (the trainer's own step, augmentation off), warms it up,
 traces `--steps` steps and sums the trace's events by name: XLA's fusions (`transpose_copy_*`,

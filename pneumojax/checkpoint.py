@@ -33,7 +33,7 @@ def _keys_to_data(tree: Any) -> Any:
 
 def _data_to_keys(restored: Any, like: Any) -> Any:
     """Back to typed keys, of JAX's default implementation: every key here is made with it."""
-    return jax.tree.map(lambda r, l: jax.random.wrap_key_data(r) if _is_key(l) else r,
+    return jax.tree.map(lambda r, ref: jax.random.wrap_key_data(r) if _is_key(ref) else r,
                         restored, like)
 
 
@@ -74,7 +74,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self.manager.restore(step, args=args)["meta"]
 
     def resolve(self, which: str | int) -> int:
         """'latest', 'best' (highest validation ROC-AUC, later step on ties) or a step number."""

@@ -1,7 +1,8 @@
 """Score a checkpoint on images it has never seen.
 
     python -m pneumojax.evaluate --workdir workdirs/deep_cnn_cpu --data folder:PATH/chest_xray/test
-    python -m pneumojax.evaluate --workdir DIR --checkpoint latest --data tfds:validation --out v.json
+    python -m pneumojax.evaluate --workdir DIR --checkpoint latest --data tfds:validation \
+        --out v.json
 
 `--data folder:PATH` reads a Kaggle-layout folder `PATH/{NORMAL,PNEUMONIA}/*` at any image size
 (decoded and squashed exactly as `prepare` does); `--data tfds:SPLIT` reads a split of the data

@@ -55,7 +55,8 @@ def synthetic(tmp_path_factory) -> tuple[pathlib.Path, str]:
 def png_bomb(side: int = 100_000) -> bytes:
     """A PNG whose header claims side x side pixels, built without allocating them."""
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (side + 1))  # one row; the header alone must decide
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)

@@ -158,7 +158,8 @@ def test_jit_with_static_config_keeps_device():
     step = jax.jit(lambda x, key: augment.augment_batch(x, key, CONFIG) * 1.0)  # nested in a step
     out = step(images, jax.random.key(0))
     assert out.devices() == images.devices() == {device}
-    np.testing.assert_allclose(out, augment.augment_batch(images, jax.random.key(0), CONFIG), atol=1e-5)
+    expected = augment.augment_batch(images, jax.random.key(0), CONFIG)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 @pytest.mark.slow

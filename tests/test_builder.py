@@ -194,7 +194,8 @@ def test_ensure_prepared_reuses_matching_data_and_rebuilds_stale(tmp_path, monke
     name = data.ensure_prepared("synthetic", **kwargs)
     calls = []
     real_prepare = builder.prepare
-    monkeypatch.setattr(builder, "prepare", lambda *a, **k: calls.append(k) or real_prepare(*a, **k))
+    monkeypatch.setattr(builder, "prepare",
+                        lambda *a, **k: calls.append(k) or real_prepare(*a, **k))
     assert data.ensure_prepared("synthetic", **kwargs) == name and calls == []
     data.ensure_prepared("synthetic", **{**kwargs, "synthetic_count": 12})
     assert len(calls) == 1

@@ -41,6 +41,6 @@ def test_four_devices_and_two_hosts_follow_the_one_device_loss(synthetic, tmp_pa
     assert [s for s, _ in one] == [1, 2, 3]
     for other in (four, hosts):
         assert [s for s, _ in other] == [1, 2, 3]
-        np.testing.assert_allclose([l for _, l in other], [l for _, l in one], rtol=1e-4)
+        np.testing.assert_allclose([v for _, v in other], [v for _, v in one], rtol=1e-4)
     config = json.loads((tmp_path / "four" / "config.json").read_text())
     assert config["train"]["batch_size"] == 8

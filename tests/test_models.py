@@ -44,7 +44,8 @@ def forward(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array):
 jit_forward = jax.jit(forward, static_argnums=0)
 
 
-def out_shapes(model: nnx.Module, shape: tuple[int, ...]) -> tuple[jax.ShapeDtypeStruct, dict, list]:
+def out_shapes(model: nnx.Module, shape: tuple[int, ...]
+               ) -> tuple[jax.ShapeDtypeStruct, dict, list]:
     """(logits, intermediates, their names in the model's own order) without computing anything."""
     graphdef, state = nnx.split(model)
     names: list[str] = []
@@ -122,7 +123,8 @@ def test_resnet_variants(kwargs, stride_at, bias, eps):
     assert block.downsample_conv.strides == 2 and model.layer2[1].downsample_conv is None
     assert all(c.use_bias is bias for c in (model.conv1, block.conv1, block.downsample_conv))
     assert model.bn1.epsilon == block.bn3.epsilon == eps and block.bn3.momentum == 0.9
-    assert [len(s) for s in (model.layer1, model.layer2, model.layer3, model.layer4)] == [3, 4, 6, 3]
+    layers = (model.layer1, model.layer2, model.layer3, model.layer4)
+    assert [len(s) for s in layers] == [3, 4, 6, 3]
 
 
 def test_resnet_stem_pads_symmetrically_like_torch():

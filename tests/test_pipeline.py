@@ -31,7 +31,8 @@ def test_train_batches_are_seeded_and_cover_each_epoch(train_source):
     assert [_keys(x) for x in a] != [_keys(x) for x in c]
     seen = collections.Counter(k for x in a[: n // 8] for k in _keys(x))
     assert max(seen.values()) == 1  # within an epoch no example repeats
-    first, second = [k for x in a[: n // 8] for k in _keys(x)], [k for x in a[n // 8:] for k in _keys(x)]
+    first = [k for x in a[: n // 8] for k in _keys(x)]
+    second = [k for x in a[n // 8:] for k in _keys(x)]
     assert first != second  # and each epoch is a new order
 
 
@@ -99,7 +100,7 @@ def test_device_path_gathers_epochs_on_device_without_host_transfers(train_sourc
     source_labels = {train_source[i]["image"].tobytes(): train_source[i]["label"]
                      for i in range(len(train_source))}
     labels = np.concatenate([np.asarray(o[2]) for o in outs[:steps]])
-    assert all(source_labels[k] == l for k, l in zip(keys, labels))
+    assert all(source_labels[k] == y for k, y in zip(keys, labels))
     augmented = outs[0][0]
     assert augmented.dtype == jnp.float32 and augmented.shape == (batch, 32, 32, 1)
     np.testing.assert_array_equal(step(key, on_device[2])[1], outs[2][1])  # deterministic

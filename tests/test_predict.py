@@ -22,9 +22,9 @@ def test_each_file_gets_a_line_and_an_overlay_and_a_bad_one_fails_alone(trained,
     code = predict.main([str(folder), "--workdir", str(trained), "--out", str(tmp_path / "out"),
                          "--method", "gradcam++"])
     assert code == 1  # one file failed
-    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-    assert {pathlib_name(l["file"]) for l in lines} == {"a.png", dcm.name, "broken.jpeg"}
-    bad = [l for l in lines if "error" in l]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {pathlib_name(r["file"]) for r in lines} == {"a.png", dcm.name, "broken.jpeg"}
+    bad = [r for r in lines if "error" in r]
     assert len(bad) == 1 and "not a recognised image" in bad[0]["error"]
     summary = json.loads((trained / "summary.json").read_text())
     for line in lines:

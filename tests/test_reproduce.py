@@ -18,7 +18,8 @@ TINY = ["data.image_size=32", "data.validation_fraction=0.25", "train.batch_size
 
 
 def _folder(root):
-    """train (40 patients, 10 of them carved out as validation), val and test (8 each) of 32 px phantoms, Kermany file names."""
+    """train (40 patients, 10 of them carved out as validation), val and test (8 each) of 32 px
+    phantoms, Kermany file names."""
     rng = np.random.default_rng(0)
     for split, first, count in (("train", 0, 20), ("val", 100, 4), ("test", 200, 4)):
         for i in range(first, first + count):
@@ -69,15 +70,16 @@ def test_the_table_is_written_and_finished_runs_are_reused(tmp_path, monkeypatch
     md = (tmp_path / "out" / "table.md").read_text()
     accuracy = rows["deep_cnn"]["validation"]["accuracy"]
     assert f"{100 * accuracy:.1f} [" in md
-    for text in ("Shallow CNN", "Deep CNN", "skipped: weights not cached", "not directly comparable",
-                 "90.71 % accuracy, precision 0.915", "Cell 172(5):1122-1131",
-                 "Scientific Data 10:41"):
+    for text in ("Shallow CNN", "Deep CNN", "skipped: weights not cached",
+                 "not directly comparable", "90.71 % accuracy, precision 0.915",
+                 "Cell 172(5):1122-1131", "Scientific Data 10:41"):
         assert text in md
 
     # Again: nothing trains, the wall times of the first run stay.
     monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
     assert reproduce.main(argv) == 0
-    again = {r["name"]: r for r in json.loads((tmp_path / "out" / "table.json").read_text())["rows"]}
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    again = {r["name"]: r for r in table["rows"]}
     for name in ("shallow_cnn", "deep_cnn"):
         assert again[name]["reused"] and again[name]["wall_s"] == rows[name]["wall_s"]
         assert again[name]["val"]["accuracy"] == rows[name]["val"]["accuracy"]

@@ -36,7 +36,8 @@ def worker(workdir, data_dir, *extra) -> list[str]:
 
 def final_state(workdir: pathlib.Path) -> tuple[int, dict]:
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    return steps[-1], ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(steps[-1]) / "state")
+    last = workdir / "checkpoints" / str(steps[-1]) / "state"
+    return steps[-1], ocp.PyTreeCheckpointer().restore(last)
 
 
 def losses(workdir: pathlib.Path) -> list[tuple[int, float]]:

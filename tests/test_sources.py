@@ -16,8 +16,10 @@ def test_patient_id_follows_kermany_names(name, patient):
     assert sources.patient_id(name) == patient
 
 
-def _candidates(patients: dict[str, tuple[int, int]], duplicate_of: dict[str, str] = {}):
-    """patients: id -> (label, number of images). duplicate_of: patient -> patient whose hash it reuses."""
+def _candidates(patients: dict[str, tuple[int, int]], duplicate_of: dict[str, str] | None = None):
+    """patients: id -> (label, number of images). duplicate_of: patient -> patient whose hash it
+    reuses."""
+    duplicate_of = duplicate_of or {}
     out = []
     for pid, (label, n) in patients.items():
         for k in range(n):

@@ -40,7 +40,7 @@ def test_a_run_writes_everything_a_user_looks_at(synthetic, tmp_path):
     steps = 2 * (sum(splits["train"].values()) // 8)
     assert int(state["step"]) == steps
     assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "shallow_cnn"
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, steps + 1))
     assert [r["step"] for r in records if r["split"] == "validation"] == [
         *range(3, steps + 1, 3), *([steps] if steps % 3 else [])]

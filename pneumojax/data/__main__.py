@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         names = [args.name] if args.name else builder.prepared_names(args.data_dir)
         if not names:
-            raise FileNotFoundError(f"no prepared data sets in {args.data_dir or builder.default_data_dir()}; "
+            where = args.data_dir or builder.default_data_dir()
+            raise FileNotFoundError(f"no prepared data sets in {where}; "
                                     "run `python -m pneumojax.data prepare --source ...` first")
         results = [stats.dataset_stats(n, args.data_dir) for n in names]
         print(json.dumps(results, indent=1) if args.json else

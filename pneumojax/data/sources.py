@@ -86,8 +86,9 @@ def scan(source: str, image_size: int, *, download_dir: pathlib.Path,
     if source == "medmnist":
         from pneumojax.data import download
 
-        hint = (f"Download {MEDMNIST_FILE} yourself and place it at {download_dir / MEDMNIST_FILE}, "
-                "or prepare from a folder with --source folder:PATH.")
+        hint = (f"Download {MEDMNIST_FILE} yourself and place it at "
+                f"{download_dir / MEDMNIST_FILE}, or prepare from a folder with "
+                "--source folder:PATH.")
         path = download.download(MEDMNIST_URL, download_dir / MEDMNIST_FILE, md5=MEDMNIST_MD5,
                                  hint=hint)
         return scan_medmnist(path, image_size)
@@ -203,7 +204,8 @@ def scan_synthetic(count: int, image_size: int, seed: int) -> Scan:
         for ex in synthetic.examples(n, image_size, split_seed):
             candidates[split].append(Candidate(
                 split=split, label=ex["label"], patient_id=f"{split}-{ex['patient_id']}",
-                file_name=f"{split}/{ex['file_name']}", content_hash=content_hash(ex["image"].tobytes()),
+                file_name=f"{split}/{ex['file_name']}",
+                content_hash=content_hash(ex["image"].tobytes()),
                 load=lambda ex=ex: (ex["image"], ex["mask"])))
     return Scan(candidates, [], [], sum(len(c) for c in candidates.values()))
 
