@@ -1,4 +1,4 @@
-"""Is Grad-CAM faithful? The deletion test on a trained run's images.
+r"""Is Grad-CAM faithful? The deletion test on a trained run's images.
 
     python experiments/deletion.py --workdir workdirs/deep_cnn_cpu
     python experiments/deletion.py --workdir workdirs/deep_cnn_cpu \

@@ -1,4 +1,4 @@
-"""Where the trainer's step spends its time, kernel by kernel, from a `jax.profiler` trace.
+r"""Where the trainer's step spends its time, kernel by kernel, from a `jax.profiler` trace.
 
     python experiments/profile_step.py                                # deep CNN, 128 px, batch 64
     python experiments/profile_step.py --model resnet50 --image-size 224 --batch 256 \

@@ -1,4 +1,4 @@
-"""Score a checkpoint on images it has never seen.
+r"""Score a checkpoint on images it has never seen.
 
     python -m pneumojax.evaluate --workdir workdirs/deep_cnn_cpu --data folder:PATH/chest_xray/test
     python -m pneumojax.evaluate --workdir DIR --checkpoint latest --data tfds:validation \

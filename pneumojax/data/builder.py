@@ -60,7 +60,8 @@ class ChestXrayPneumonia(tfds.core.GeneratorBasedBuilder):
     """Kermany et al. (2018) pediatric chest X-rays, NORMAL vs PNEUMONIA, any source."""
 
     VERSION = tfds.core.Version(VERSION)
-    RELEASE_NOTES = {str(VERSION): "Raw uint8 images, lesion masks, patient ids, content hashes."}
+    RELEASE_NOTES = {
+        str(VERSION): "Raw uint8 images, lesion masks, patient ids and content hashes."}
     BUILDER_CONFIGS = [ChestXrayConfig(name=config_name("synthetic", 224))]
 
     def __init__(self, **kwargs):
