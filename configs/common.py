@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
         validation_fraction=0.1,
         synthetic_count=1200,
         num_workers=0,                   # grain worker processes; 0 reads in threads
-        device_resident=False,           # train split on the accelerator, no host work a step
+        device_resident=False,           # train split on the accelerator, no host work per step
         augment=ml_collections.ConfigDict(dataclasses.asdict(AugmentConfig())),
     ))
     c.train = ml_collections.ConfigDict(dict(
