@@ -10,6 +10,8 @@ at each spatial stage:
 
 - pointing: the share of images whose map peaks inside a lesion mask dilated by half a
   feature cell (a peak can be placed no finer than a cell);
+- peak_in_mask, peak_distance: the share whose peak lies inside the mask itself, and the mean
+  distance in px from the peak to the nearest lesion pixel: near misses or wrong places;
 - mass: the share of the map's sum inside the masks, and inside the dilated masks;
 - ideal_mass: the mass of an ideal map at that grid, each cell its lesion fraction, upsampled
   the same way: a reference for what the grid allows (not a strict bound).
@@ -86,9 +88,19 @@ def _mass(maps: np.ndarray, region: np.ndarray) -> float:
     return float(np.mean((maps * region).sum((1, 2)) / np.maximum(maps.sum((1, 2)), 1e-12)))
 
 
+def peaks(maps: np.ndarray, masks: np.ndarray, dilated: np.ndarray) -> dict:
+    """Where each (B, H, W) map peaks against bool masks: pointing (in `dilated`),
+    peak_in_mask, and peak_distance (mean px to the nearest mask pixel, 0 inside)."""
+    peak = maps.reshape(len(maps), -1).argmax(1)
+    at_peak = lambda a: a.reshape(len(a), -1)[np.arange(len(a)), peak]
+    distance = np.stack([ndimage.distance_transform_edt(~m) for m in masks])
+    return dict(pointing=float(at_peak(dilated).mean()), peak_in_mask=float(at_peak(masks).mean()),
+                peak_distance=float(at_peak(distance).mean()))
+
+
 def measure(model: dict, *, layer: str | None = None, method: str = gradcam.METHODS[0]) -> dict:
-    """Pointing game, mass and the ideal map's mass for one stage and method, on the
-    PNEUMONIA images."""
+    """Pointing game, where the peaks fall, mass and the ideal map's mass for one stage and
+    method, on the PNEUMONIA images."""
     layer = layer or model["layer"]
     sick = model["labels"] == 1
     images, masks = model["images"][sick], model["masks"][sick]
@@ -98,12 +110,10 @@ def measure(model: dict, *, layer: str | None = None, method: str = gradcam.METH
     radius = max(1, size // grid // 2)
     dilated = np.stack([ndimage.binary_dilation(m, np.ones((3, 3)), iterations=radius)
                         for m in masks])
-    peak = maps.reshape(len(maps), -1).argmax(1)
     cell = masks.reshape(len(masks), grid, size // grid, grid, size // grid).mean((2, 4))
     ideal = np.asarray(jax.image.resize(cell.astype(np.float32), masks.shape, "bilinear"))
     return dict(layer=layer, method=method, grid=grid, images=len(maps), radius=radius,
-                auc=model["auc"],
-                pointing=float(dilated.reshape(len(maps), -1)[np.arange(len(maps)), peak].mean()),
+                auc=model["auc"], **peaks(maps, masks, dilated),
                 mass=_mass(maps, masks), mass_dilated=_mass(maps, dilated),
                 ideal_mass=_mass(ideal, masks), area=float(masks.mean()),
                 area_dilated=float(dilated.mean()))
@@ -148,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods.split(","):
             r = measure(model, layer=layer, method=method)
             records.append(dict(shared, **r))
-            print(f"{layer} ({r['grid']}x{r['grid']}) {method:<9} pointing {r['pointing']:.3f}  "
+            print(f"{layer} ({r['grid']}x{r['grid']}) {method:<9} pointing {r['pointing']:.3f} "
+                  f"(in the mask {r['peak_in_mask']:.3f}, {r['peak_distance']:.1f} px off)  "
                   f"mass {r['mass']:.3f} (ideal {r['ideal_mass']:.3f})  "
                   f"dilated by {r['radius']} px: {r['mass_dilated']:.3f} of the mass in "
                   f"{r['area_dilated']:.3f} of the image")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scipy import stats
+from scipy import ndimage, stats
 
 from experiments import deletion, localisation
 from pneumojax import data, gradcam, models, train
@@ -247,6 +247,19 @@ def test_localisation_refuses_a_workdir_of_another_run(tmp_path):
     with pytest.raises(ValueError, match=r"holds a run of .* 10\.0, 0\], not .* 12\.0, 0\]"):
         localisation.trained_model(localisation.phantom_config(tmp_path / "data", epochs=12),
                                    tmp_path)
+
+
+def test_peaks_tell_near_misses_from_hits():
+    masks = np.zeros((2, 16, 16), bool)
+    masks[:, 4:8, 4:8] = True
+    maps = np.zeros((2, 16, 16), np.float32)
+    maps[0, 5, 6] = 1.0  # inside
+    maps[1, 5, 10] = 1.0  # 3 px right of the mask's last column
+    dilated = np.stack([ndimage.binary_dilation(m, iterations=2) for m in masks])
+    assert localisation.peaks(maps, masks, dilated) == dict(
+        pointing=0.5, peak_in_mask=0.5, peak_distance=1.5)
+    dilated = np.stack([ndimage.binary_dilation(m, iterations=3) for m in masks])
+    assert localisation.peaks(maps, masks, dilated)["pointing"] == 1.0
 
 
 @pytest.mark.slow
