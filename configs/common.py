@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
         weight_decay=1e-4,
         grad_clip=1.0,                   # global norm
         label_smoothing=0.0,
+        lesion_weight=0.0,               # > 0: also fit per-cell lesion scores to the masks
+                                         # (synthetic data, deep_cnn head="lesion")
         class_weights=True,              # inverse class frequency of the train split
         eval_every=0,                    # steps between validation runs; 0 = once per epoch
         log_every=20,

@@ -50,7 +50,7 @@ def bench_device(dd: data.DeviceData, batch: int, seconds: float, with_augment: 
 
     @jax.jit
     def fetch(key, step):
-        images, _ = data.device_batch(dd, key, step, batch)
+        images = data.device_batch(dd, key, step, batch)["image"]
         if with_augment:
             images = augment.augment_batch(images, jax.random.fold_in(key, step), cfg)
         return images, step + 1

@@ -36,24 +36,28 @@ from scipy import ndimage
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from configs import deep_cnn
 from experiments import common
-from pneumojax import data, gradcam, train
+from pneumojax import data, gradcam, models, train
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "localisation.json"
-KEY = ("widths", "hidden", "pool_r", "count", "epochs", "image_size", "seed", "layer", "method",
-       "device")
+KEY = ("widths", "hidden", "pool_r", "head", "lesion_weight", "count", "epochs", "image_size",
+       "seed", "layer", "method", "device")
 
 
 def phantom_config(data_dir: str | pathlib.Path, *, image_size: int = 64, count: int = 320,
                    widths: tuple[int, ...] = (8, 16, 16), hidden: int = 16, pool_r: float = 0.0,
-                   epochs: float = 10.0, seed: int = 0) -> ml_collections.ConfigDict:
+                   head: str = "dense", lesion_weight: float = 0.0, epochs: float = 10.0,
+                   seed: int = 0) -> ml_collections.ConfigDict:
     """configs/deep_cnn.py, narrowed and sized for phantoms: a quarter held out for validation
-    (and as many again as test), and validation every 40 steps for the best checkpoint."""
+    (and as many again as test), and validation every 40 steps for the best checkpoint.
+    `head="lesion"` with `lesion_weight` > 0 also trains on the lesion masks (models.cnn)."""
     c = deep_cnn.get_config()
     c.data.update(source="synthetic", data_dir=str(data_dir), image_size=image_size,
                   synthetic_count=count, validation_fraction=0.25)
     c.model.kwargs.update(widths=tuple(widths), hidden=hidden, pool_r=pool_r)
+    if head != "dense":  # only then, so that the workdirs of earlier runs still match
+        c.model.kwargs.head = head
     c.train.update(batch_size=32, eval_batch_size=64, epochs=epochs, learning_rate=3e-3,
-                   eval_every=40, patience=100, seed=seed)
+                   eval_every=40, patience=100, seed=seed, lesion_weight=lesion_weight)
     return c
 
 
@@ -65,10 +69,11 @@ def trained_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         saved = train.load_config(workdir)
         fields = lambda c: json.loads(json.dumps([c.model.kwargs.to_dict(), c.data.image_size,
                                                   c.data.synthetic_count, c.train.epochs,
-                                                  c.train.seed]))
+                                                  c.train.seed, c.train.lesion_weight]))
         if fields(saved) != fields(config):
             raise ValueError(f"{workdir}: holds a run of {fields(saved)}, not {fields(config)} "
-                             "(model kwargs, image size, phantoms, epochs, seed); use another "
+                             "(model kwargs, image size, phantoms, epochs, seed, lesion weight); "
+                        "use another "
                              "workdir")
     if not (pathlib.Path(workdir) / "summary.json").exists():
         train.train_and_evaluate(config, workdir)
@@ -127,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=16)
     parser.add_argument("--pool-r", type=float, default=0.0,
                         help="global pooling: 0 is the mean, r > 0 log-sum-exp (models.cnn)")
+    parser.add_argument("--head", default="dense", choices=models.cnn.HEADS,
+                        help="lesion: per-cell scores, pooled (models.cnn.DeepCNN)")
+    parser.add_argument("--lesion-weight", type=float, default=0.0,
+                        help="> 0: train the lesion head on the masks too (train.lesion_loss)")
     parser.add_argument("--count", type=int, default=320, help="phantoms, all splits")
     parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--image-size", type=int, default=64)
@@ -139,15 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     tag = (f"w{'-'.join(map(str, args.widths))}_h{args.hidden}_r{args.pool_r:g}_n{args.count}"
-           f"_e{args.epochs:g}_{args.image_size}px_s{args.seed}")
+           f"_e{args.epochs:g}_{args.image_size}px_s{args.seed}"
+           + (f"_{args.head}_l{args.lesion_weight:g}" if args.head != "dense" else ""))
     workdir = args.workdir or common.ROOT / "workdirs" / "localisation" / tag
     config = phantom_config(args.data_dir or workdir / "data", image_size=args.image_size,
                             count=args.count, widths=args.widths, hidden=args.hidden,
-                            pool_r=args.pool_r, epochs=args.epochs, seed=args.seed)
+                            pool_r=args.pool_r, head=args.head,
+                            lesion_weight=args.lesion_weight, epochs=args.epochs, seed=args.seed)
     model = trained_model(config, workdir)
     layers = (args.layers.split(",") if args.layers
               else [f"block{i + 1}" for i in range(len(args.widths))])
     shared = dict(widths=list(args.widths), hidden=args.hidden, pool_r=args.pool_r,
+                  head=args.head, lesion_weight=args.lesion_weight,
                   count=args.count, epochs=args.epochs, image_size=args.image_size,
                   seed=args.seed, workdir=str(workdir),
                   device=common.device_name(), commit=common.commit(),

@@ -156,6 +156,21 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array,
     return jnp.sum(w * per_example) / jnp.sum(w)
 
 
+def lesion_loss(intermediates: dict[str, jax.Array], masks: jax.Array) -> jax.Array:
+    """Mean binary cross-entropy of the model's per-cell `lesion_logits` (B, h, w) against
+    the share of each cell that (B, H, W, 1) float `masks` mark: a cell half covered by a
+    lesion has target 0.5, so the scores peak where the lesion is, not on its rim."""
+    if "lesion_logits" not in intermediates:
+        raise ValueError("train.lesion_weight > 0 needs a model that scores cells "
+                         "(deep_cnn with model.kwargs.head='lesion')")
+    cells = intermediates["lesion_logits"]
+    (b, h, w), (_, size, _, _) = cells.shape, masks.shape
+    if size % h or masks.shape[2] % w:
+        raise ValueError(f"lesion masks of {masks.shape[1:3]} px do not tile a {h}x{w} grid")
+    share = masks.reshape(b, h, size // h, w, masks.shape[2] // w).mean((2, 4))
+    return optax.sigmoid_binary_cross_entropy(cells.astype(jnp.float32), share).mean()
+
+
 def make_train_step(graphdef_train, tx, config, weights: jax.Array,
                     frozen: frozenset[str] = frozenset()) -> Callable:
     """The pure train step, before jit: augment on device, forward, loss, grads, optax.
@@ -167,16 +182,21 @@ def make_train_step(graphdef_train, tx, config, weights: jax.Array,
     dtype = jnp.dtype(config.model.dtype)
     key = jax.random.key(config.train.seed)
 
-    def train_step(state: State, images: jax.Array, labels: jax.Array) -> tuple[State, dict]:
-        x = augment.augment_batch(images, jax.random.fold_in(key, state["step"]), aug)
+    def train_step(state: State, images: jax.Array, labels: jax.Array,
+                   lesion_masks: jax.Array | None = None) -> tuple[State, dict]:
+        x = augment.augment_batch(images, jax.random.fold_in(key, state["step"]), aug,
+                                  lesion_masks)
+        x, masks = x if lesion_masks is not None else (x, None)
 
         trainable, fixed = transfer.split(state["params"], frozen)
 
         def loss_fn(trainable):
             # copy=True: fresh Variables in this trace; the split state holds the outer ones
             model = nnx.merge(graphdef_train, trainable, fixed, state["rest"], copy=True)
-            logits, _ = model(x.astype(dtype))
+            logits, inter = model(x.astype(dtype))
             loss = weighted_bce(logits, labels, weights, config.train.label_smoothing)
+            if masks is not None:
+                loss += config.train.lesion_weight * lesion_loss(inter, masks)
             return loss, nnx.state(model, nnx.Not(nnx.Param))
 
         (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -285,6 +305,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("data prepared")
     report = builder.load_report(c.data.data_dir, name)
+    lesions = c.train.lesion_weight > 0
+    if lesions and c.data.source != "synthetic":
+        raise ValueError(f"train.lesion_weight > 0 needs lesion masks, which only the synthetic "
+                         f"source has, not {c.data.source!r}")
     train_src = pdata.data_source(name, "train", data_dir=c.data.data_dir)
     val_src = pdata.data_source(name, "validation", data_dir=c.data.data_dir)
     steps_per_epoch = len(train_src) // c.train.batch_size
@@ -311,8 +335,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     batch_sh = sharding.batch_sharded(mesh)
     train_iter = None if c.data.device_resident else iter(pdata.train_dataset(
         train_src, batch_size=c.train.batch_size, seed=c.train.seed,
-        num_workers=c.data.num_workers))
-    resident = pdata.to_device(train_src, repl) if c.data.device_resident else None
+        num_workers=c.data.num_workers, lesion_mask=lesions))
+    resident = (pdata.to_device(train_src, repl, lesion_mask=lesions) if c.data.device_resident
+                else None)
+    fields = ("image", "label", "lesion_mask") if lesions else ("image", "label")
 
     def compile_step(frozen: frozenset[str]) -> Callable[[State], tuple[State, dict]]:
         train_step = make_train_step(train_graphdef(c, frozen), tx, c, weights, frozen)
@@ -320,14 +346,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             data_key = jax.random.key(c.train.seed + 2)
 
             def step_fn(state, resident):
-                images, labels = pdata.device_batch(resident, data_key, state["step"],
-                                                    c.train.batch_size)
-                return train_step(state, jax.lax.with_sharding_constraint(images, batch_sh),
-                                  jax.lax.with_sharding_constraint(labels, batch_sh))
+                batch = pdata.device_batch(resident, data_key, state["step"],
+                                           c.train.batch_size)
+                return train_step(state, *(jax.lax.with_sharding_constraint(batch[k], batch_sh)
+                                           for k in fields))
             jitted = jax.jit(step_fn, in_shardings=(repl, repl), out_shardings=(repl, repl),
                              donate_argnums=0)
             return lambda state: jitted(state, resident)
-        jitted = jax.jit(lambda s, b: train_step(s, b["image"], b["label"]),
+        jitted = jax.jit(lambda s, b: train_step(s, *(b[k] for k in fields)),
                          in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
                          donate_argnums=0)
         return lambda state: jitted(state, sharding.global_batch(next(train_iter), mesh))

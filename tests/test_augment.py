@@ -100,6 +100,21 @@ def test_same_key_same_output_different_key_different_output():
     assert not np.allclose(first, augment.augment_batch(images, jax.random.key(1), CONFIG))
 
 
+def test_lesion_masks_take_the_images_warp_and_no_photometric_change():
+    images = _images()
+    masks = images  # any uint8 (B, H, W, 1) will do: the warp is linear
+    key = jax.random.key(5)
+    x, m = augment.augment_batch(images, key, CONFIG, masks)
+    np.testing.assert_array_equal(x, augment.augment_batch(images, key, CONFIG))
+    geometry_only = augment.AugmentConfig(hflip=True, **NO_PHOTO)
+    x_geo, m_geo = augment.augment_batch(images, key, geometry_only, masks)
+    np.testing.assert_array_equal(m, m_geo)  # the photometric draws leave masks alone
+    np.testing.assert_allclose(m_geo / 255, x_geo, atol=1e-6)  # the same warp as the image
+    assert not np.allclose(m_geo, np.asarray(masks, np.float32))
+    _, m_off = augment.augment_batch(images, key, augment.AugmentConfig(enabled=False), masks)
+    np.testing.assert_array_equal(m_off, np.asarray(masks, np.float32))
+
+
 def test_disabled_is_exactly_to_float():
     images = _images()
     out = augment.augment_batch(images, jax.random.key(0), augment.AugmentConfig(enabled=False))

@@ -244,7 +244,8 @@ def localisation_scores(phantom_model) -> dict[str, float]:
 def test_localisation_refuses_a_workdir_of_another_run(tmp_path):
     (tmp_path / "config.json").write_text(
         localisation.phantom_config(tmp_path / "data").to_json_best_effort())
-    with pytest.raises(ValueError, match=r"holds a run of .* 10\.0, 0\], not .* 12\.0, 0\]"):
+    with pytest.raises(ValueError,
+                       match=r"holds a run of .* 10\.0, 0, 0\.0\], not .* 12\.0, 0, 0\.0\]"):
         localisation.trained_model(localisation.phantom_config(tmp_path / "data", epochs=12),
                                    tmp_path)
 

@@ -81,13 +81,15 @@ def test_eval_visits_every_example_once_and_masks_padding(train_source, process_
 
 def test_device_path_gathers_epochs_on_device_without_host_transfers(train_source):
     dd = data.to_device(train_source)
-    assert dd.images.dtype == jnp.uint8 and dd.images.shape[0] == len(train_source)
+    assert dd.keys() == {"image", "label"}
+    assert dd["image"].dtype == jnp.uint8 and dd["image"].shape[0] == len(train_source)
     batch = 8
     cfg = augment.AugmentConfig()
 
     @jax.jit
     def step(key, step):
-        images, labels = data.device_batch(dd, key, step, batch)
+        b = data.device_batch(dd, key, step, batch)
+        images, labels = b["image"], b["label"]
         return augment.augment_batch(images, jax.random.fold_in(key, step), cfg), images, labels
 
     key, steps = jax.random.key(0), len(train_source) // batch
@@ -106,9 +108,31 @@ def test_device_path_gathers_epochs_on_device_without_host_transfers(train_sourc
     np.testing.assert_array_equal(step(key, on_device[2])[1], outs[2][1])  # deterministic
 
 
-def test_fast_parse_equals_tfds_decoding(train_source):
+def test_fast_parse_equals_tfds_decoding(train_source, synthetic):
     fast = data.ImageLabels(train_source)
     assert len(fast) == len(train_source)
     for i, ex in enumerate(fast.__getitems__(list(range(len(fast))))):
+        assert ex.keys() == {"image", "label"}
         np.testing.assert_array_equal(ex["image"], train_source[i]["image"])
         assert ex["label"] == train_source[i]["label"] and ex["label"].dtype == np.int32
+    data_dir, name = synthetic
+    decoded = data.data_source(name, "train", data_dir=data_dir, with_lesion_mask=True)
+    with_masks = data.ImageLabels(train_source, lesion_mask=True)
+    assert sum(decoded[i]["lesion_mask"].any() for i in range(len(decoded))) > 0
+    for i, ex in enumerate(with_masks.__getitems__(list(range(len(with_masks))))):
+        np.testing.assert_array_equal(ex["lesion_mask"], decoded[i]["lesion_mask"])
+        np.testing.assert_array_equal(ex["image"], decoded[i]["image"])
+
+
+def test_device_data_and_grain_batches_carry_lesion_masks_when_asked(train_source):
+    masks = data.ImageLabels(train_source, lesion_mask=True)
+    by_image = {ex["image"].tobytes(): ex["lesion_mask"]
+                for ex in masks.__getitems__(list(range(len(masks))))}
+    dd = data.to_device(train_source, lesion_mask=True)
+    batch = data.device_batch(dd, jax.random.key(0), jnp.asarray(1), 8)
+    grain_batch = next(iter(data.train_dataset(train_source, batch_size=8, seed=0,
+                                               lesion_mask=True)))
+    for b in (batch, grain_batch):
+        assert b["lesion_mask"].shape == b["image"].shape
+        for image, mask in zip(np.asarray(b["image"]), np.asarray(b["lesion_mask"])):
+            np.testing.assert_array_equal(mask, by_image[image.tobytes()])

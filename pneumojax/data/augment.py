@@ -132,37 +132,49 @@ def _random_photometric(x: jax.Array, u: jax.Array, config: AugmentConfig) -> ja
     return (x - mean) * _between(u[0], 1.0 - c, 1.0 + c) + mean + _between(u[1], -b, b)
 
 
-def augment_image(image: jax.Array, key: jax.Array, config: AugmentConfig) -> jax.Array:
+def augment_image(image: jax.Array, key: jax.Array, config: AugmentConfig,
+                  mask: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """uint8 (H, W, C) -> float32 (H, W, C) in [0, 1]; one example of augment_batch.
 
     Photometric first, then the warp, so that the zero fill stays black rather
     than picking up the brightness shift. All randomness comes from one draw of
     seven uniforms: each extra threefry call costs compile time and kernels.
+    A lesion `mask` (H, W, 1) takes the same warp as extra channels, in the same gather,
+    and comes back as float32 in [0, 1] (bilinear, soft at its edge).
     """
     x = to_float(image)
-    if not config.enabled:
-        return x
-    u = jax.random.uniform(key, (7,))
-    if config.photometric:
-        x = _random_photometric(x, u[:2], config)
-    if config.geometric:
-        x = warp(x, _random_affine(u[2:], config, x.shape[:2]))
-    return jnp.clip(x, 0.0, 1.0)
+    m = None if mask is None else mask.astype(jnp.float32)
+    if config.enabled:
+        u = jax.random.uniform(key, (7,))
+        if config.photometric:
+            x = _random_photometric(x, u[:2], config)
+        if config.geometric:
+            c = x.shape[-1]
+            x = warp(x if m is None else jnp.concatenate([x, m], -1),
+                     _random_affine(u[2:], config, x.shape[:2]))
+            x, m = (x, m) if m is None else (x[..., :c], x[..., c:])
+        x = jnp.clip(x, 0.0, 1.0)
+    return x if m is None else (x, m)
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def augment_batch(images: jax.Array, key: jax.Array, config: AugmentConfig) -> jax.Array:
-    """uint8 (B, H, W, C) -> float32 (B, H, W, C) in [0, 1].
+def augment_batch(images: jax.Array, key: jax.Array, config: AugmentConfig,
+                  masks: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """uint8 (B, H, W, C) -> float32 (B, H, W, C) in [0, 1]; with lesion `masks`
+    (B, H, W, 1), (images, masks) warped alike.
 
     One key per example (jax.random.split(key, B)), vmapped. Exactly
     to_float(images) when config.enabled is False. Jitted so that eager callers
     (plots, notebooks) don't dispatch op by op; inside the train step it inlines.
     """
     if not config.enabled:
-        return to_float(images)
+        return to_float(images) if masks is None else (to_float(images), masks.astype(jnp.float32))
     keys = jax.random.split(key, images.shape[0])
     # Under explicit sharding vmap wants the keys split over devices exactly like the images.
     sharding = jax.typeof(images).sharding
     if sharding.spec[0] is not None:
         keys = jax.sharding.reshard(keys, sharding.update(spec=jax.P(sharding.spec[0])))
-    return jax.vmap(functools.partial(augment_image, config=config))(images, keys)
+    one = functools.partial(augment_image, config=config)
+    if masks is None:
+        return jax.vmap(one)(images, keys)
+    return jax.vmap(lambda x, k, m: one(x, k, mask=m))(images, keys, masks)

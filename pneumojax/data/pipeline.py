@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 import grain
 import jax
@@ -33,24 +33,29 @@ def data_source(name: str, split: str, *, data_dir: str | os.PathLike | None = N
 
 
 class ImageLabels(Sequence):
-    """`image` and `label` parsed straight from a TFDS source's records.
+    """`image` and `label` (and with `lesion_mask`, the mask) parsed straight from a TFDS
+    source's records.
 
     TFDS's generic decoder spends ~40 us of Python per feature on all six features; the
     training path needs two, and parsing only those is what lets one core feed thousands of
     images a second.
     """
 
-    def __init__(self, source: Sequence[dict]):
+    def __init__(self, source: Sequence[dict], lesion_mask: bool = False):
         self.records = source.data_source  # the ArrayRecord reader under tfds.data_source
         self.shape = tuple(source.dataset_info.features["image"].shape)
+        self.lesion_mask = lesion_mask
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _parse(self, record: bytes) -> dict:
         feature = tf_example_pb2.Example.FromString(record).features.feature
-        image = np.frombuffer(feature["image"].bytes_list.value[0], np.uint8)
-        return {"image": image.reshape(self.shape),
+        out = {"image": np.frombuffer(feature["image"].bytes_list.value[0], np.uint8)}
+        if self.lesion_mask:  # stored zlib-compressed (see builder)
+            out["lesion_mask"] = np.frombuffer(
+                zlib.decompress(feature["lesion_mask"].bytes_list.value[0]), np.uint8)
+        return {**{k: v.reshape(self.shape) for k, v in out.items()},
                 "label": np.int32(feature["label"].int64_list.value[0])}
 
     def __getitem__(self, index: int) -> dict:
@@ -70,17 +75,18 @@ def _host_slice(global_batch: int, process_index: int | None, process_count: int
 
 
 def train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, num_workers: int = 0,
-                  process_index: int | None = None, process_count: int | None = None
-                  ) -> grain.IterDataset:
+                  process_index: int | None = None, process_count: int | None = None,
+                  lesion_mask: bool = False) -> grain.IterDataset:
     """Endless shuffled batches of this process's share of `batch_size` (the global batch).
 
     Every process shuffles with the same seed and takes its own contiguous block of each
     global batch, so the hosts' batches, concatenated in process order, are exactly the batch a
     single process would read: a run gives the same result on any number of hosts. Each epoch
     is a fresh permutation. `get_state`/`set_state` on the iterator make it resumable.
+    Batches hold `image` and `label`, and `lesion_mask` if asked for.
     """
     pi, pc, per_host = _host_slice(batch_size, process_index, process_count)
-    ds = grain.MapDataset.source(ImageLabels(source)).seed(seed).shuffle().repeat()
+    ds = grain.MapDataset.source(ImageLabels(source, lesion_mask)).seed(seed).shuffle().repeat()
     # Batching is lazy, so each process reads only the examples of its own blocks.
     ds = ds.batch(per_host, drop_remainder=True)[pi::pc]
     # grain's default of 16 read threads per process thrashes small hosts once workers fork;
@@ -132,37 +138,38 @@ def eval_batches(source: Sequence[dict], *, batch_size: int, process_index: int 
     return iter(grain.MapDataset.source(padded).batch(per_host))
 
 
-class DeviceData(NamedTuple):
-    """A whole split on the accelerator: uint8 images and int32 labels, replicated."""
-
-    images: jax.Array
-    labels: jax.Array
+DeviceData = dict[str, jax.Array]  # a whole split: `image`, `label` (and `lesion_mask`)
 
 
 def to_device(source: Sequence[dict], sharding: jax.sharding.Sharding | None = None,
-              chunk: int = 256) -> DeviceData:
-    """Reads the split once; afterwards a step needs no host work at all."""
-    source = ImageLabels(source)
-    images = np.empty((len(source), *source.shape), np.uint8)
-    labels = np.empty((len(source),), np.int32)
+              chunk: int = 256, lesion_mask: bool = False) -> DeviceData:
+    """Reads the split once, replicated on the accelerator; afterwards a step needs no host
+    work at all. Holds what `train_dataset`'s batches do."""
+    source = ImageLabels(source, lesion_mask)
+    arrays = {"image": np.empty((len(source), *source.shape), np.uint8),
+              "label": np.empty((len(source),), np.int32)}
+    if lesion_mask:
+        arrays["lesion_mask"] = np.empty_like(arrays["image"])
     for start in range(0, len(source), chunk):
         part = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
         for i, example in enumerate(part, start):
-            images[i], labels[i] = example["image"], example["label"]
+            for name, array in arrays.items():
+                array[i] = example[name]
     put = (lambda x: jax.device_put(x, sharding)) if sharding else jax.device_put
-    return DeviceData(put(images), put(labels))
+    return {name: put(array) for name, array in arrays.items()}
 
 
 def device_batch(data: DeviceData, key: jax.Array, step: jax.Array, batch_size: int
-                 ) -> tuple[jax.Array, jax.Array]:
-    """Batch `step` of a fresh permutation per epoch, gathered on the device (jit-friendly).
+                 ) -> dict[str, jax.Array]:
+    """Batch `step` of a fresh permutation per epoch, gathered on the device (jit-friendly),
+    as a dict like `train_dataset`'s.
 
     It depends only on (key, step), so resuming needs nothing but the step.
     """
-    n = data.labels.shape[0]
+    n = data["label"].shape[0]
     if batch_size > n:
         raise ValueError(f"batch size {batch_size} exceeds the {n} examples on the device")
     epoch, i = jnp.divmod(step, n // batch_size)
     order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
     idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
-    return data.images[idx], data.labels[idx]
+    return {name: array[idx] for name, array in data.items()}

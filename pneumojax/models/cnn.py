@@ -167,12 +167,21 @@ class ConvBlock(nnx.Module):
         return max_pool2(x)
 
 
-class DeepCNN(nnx.Module):
-    """Four `ConvBlock`s, global pooling (`pool_r`: see `global_pool`), then dense(hidden) +
-    ReLU + Dropout and a logit.
+HEADS = ("dense", "lesion")
 
-    `pre_logits` is the hidden layer after its ReLU, before dropout, so feature
-    extraction in eval mode and Grad-CAM see the same tensor the head reads.
+
+class DeepCNN(nnx.Module):
+    """Four `ConvBlock`s, then a head.
+
+    `head="dense"`: global pooling (`pool_r`: see `global_pool`), dense(hidden) + ReLU +
+    Dropout and a logit. `pre_logits` is the hidden layer after its ReLU, before dropout, so
+    feature extraction in eval mode and Grad-CAM see the same tensor the head reads.
+
+    `head="lesion"`: a 1x1 conv scores every cell of the last block (`lesion_logits`,
+    (B, h, w)), and the logit is their global pool, as in multiple-instance learning. The
+    cells can then be trained on lesion masks (`train.lesion_weight`), which makes the
+    model's evidence lie in the lesions by construction: the known answer a saliency method
+    must recover. `hidden` and `dropout` are unused; `pre_logits` is the pooled last block.
     """
 
     def __init__(
@@ -183,17 +192,24 @@ class DeepCNN(nnx.Module):
         hidden: int = 128,
         dropout: float = 0.5,
         pool_r: float = 0.0,
+        head: str = "dense",
         input_mean: Sequence[float] = (0.5,),
         input_std: Sequence[float] = (0.25,),
         dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
         self.standardize = Standardize(in_channels, input_mean, input_std)
         self.pool_r = check_pool_r(pool_r)
         self.blocks = nnx.List([
             ConvBlock(c_in, c_out, dtype=dtype, rngs=rngs)
             for c_in, c_out in zip((in_channels, *widths[:-1]), widths)
         ])
+        self.head_type = head
+        if head == "lesion":
+            self.lesion = nnx.Conv(widths[-1], 1, (1, 1), param_dtype=jnp.float32, rngs=rngs)
+            return
         self.hidden = nnx.Linear(widths[-1], hidden, kernel_init=nnx.initializers.he_normal(),
                                  param_dtype=jnp.float32, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -204,5 +220,9 @@ class DeepCNN(nnx.Module):
         x = self.standardize(x)
         for i, block in enumerate(self.blocks):
             x = out[f"block{i + 1}"] = block(x)
+        if self.head_type == "lesion":
+            out["pre_logits"] = global_pool(x, self.pool_r)
+            cells = out["lesion_logits"] = self.lesion(x.astype(jnp.float32))[..., 0]
+            return global_pool(cells[..., None], self.pool_r)[:, 0], out
         x = out["pre_logits"] = nnx.relu(self.hidden(global_pool(x, self.pool_r)))
         return self.head(self.dropout(x))[:, 0].astype(jnp.float32), out
