@@ -287,6 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     Returns the final train state (of the last step, not the best checkpoint).
     """
+    lesions = config.train.lesion_weight > 0
+    if lesions and config.data.source != "synthetic":
+        raise ValueError(f"train.lesion_weight > 0 needs lesion masks, which only the synthetic "
+                         f"source has, not {config.data.source!r}")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "plots").mkdir(exist_ok=True)
@@ -305,10 +309,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("data prepared")
     report = builder.load_report(c.data.data_dir, name)
-    lesions = c.train.lesion_weight > 0
-    if lesions and c.data.source != "synthetic":
-        raise ValueError(f"train.lesion_weight > 0 needs lesion masks, which only the synthetic "
-                         f"source has, not {c.data.source!r}")
     train_src = pdata.data_source(name, "train", data_dir=c.data.data_dir)
     val_src = pdata.data_source(name, "validation", data_dir=c.data.data_dir)
     steps_per_epoch = len(train_src) // c.train.batch_size

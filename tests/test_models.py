@@ -271,3 +271,20 @@ def test_pool_r_sets_every_models_global_pooling(name, kwargs):
     assert not np.allclose(pooled[0.0], pooled[10.0])  # same weights, another pooling
     with pytest.raises(ValueError, match="pool_r must be >= 0"):
         models.create(name, pool_r=-1.0, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_the_lesion_head_scores_cells_and_pools_them_into_the_logit():
+    x = np.random.default_rng(3).uniform(size=(2, 32, 32, 1)).astype(np.float32)
+    model = models.create("deep_cnn", widths=(4, 8), head="lesion", pool_r=10.0,
+                          rngs=nnx.Rngs(0))
+    model.eval()
+    logits, inter = model(x)
+    cells = inter["lesion_logits"]
+    assert cells.shape == (2, 8, 8) and cells.dtype == jnp.float32
+    expected = model.lesion(inter["block2"])[..., 0]  # the 1x1 conv of the last block
+    np.testing.assert_allclose(cells, expected, rtol=1e-6)
+    np.testing.assert_allclose(logits, models.cnn.global_pool(cells[..., None], 10.0)[:, 0],
+                               rtol=1e-6)
+    assert not hasattr(model, "hidden")  # no dense head to train or to misread
+    with pytest.raises(ValueError, match="unknown head 'mlp'; valid: dense, lesion"):
+        models.create("deep_cnn", head="mlp", rngs=nnx.Rngs(0))
