@@ -233,8 +233,8 @@ def phantom_model(tmp_path_factory) -> dict:
     return localisation.trained_model(config, tmp_path_factory.mktemp("localisation"))
 
 
-def _scores(model: dict, what: str) -> dict[str, float]:
-    result = localisation.measure(model)
+def _scores(model: dict, what: str, method: str = gradcam.METHODS[0]) -> dict[str, float]:
+    result = localisation.measure(model, method=method)
     print(f"\nlocalisation on PNEUMONIA phantoms, {what}: " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return result
@@ -246,7 +246,7 @@ def localisation_scores(phantom_model) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def lesion_trained_scores(tmp_path_factory) -> dict[str, float]:
+def lesion_trained_scores(tmp_path_factory) -> dict[str, dict[str, float]]:
     """A DeepCNN whose evidence lies in the lesions by construction: its logit pools per-cell
     scores that were trained on the masks too (`--head lesion --lesion-weight 10`), on 640
     phantoms, ~1 min. Its held-out maps must find what it was taught to look at."""
@@ -254,7 +254,7 @@ def lesion_trained_scores(tmp_path_factory) -> dict[str, float]:
         tmp_path_factory.mktemp("phantoms640"), count=640, widths=(16, 32), pool_r=10.0,
         head="lesion", lesion_weight=10.0)
     model = localisation.trained_model(config, tmp_path_factory.mktemp("lesion_trained"))
-    return _scores(model, "trained on the masks")
+    return {m: _scores(model, f"trained on the masks, {m}", m) for m in gradcam.METHODS}
 
 
 def test_localisation_refuses_a_workdir_of_another_run(tmp_path):
@@ -335,14 +335,26 @@ def test_gradcam_localises_phantom_lesions(localisation_scores):
 
 
 @pytest.mark.slow
-def test_gradcam_meets_the_issue_localisation_goals(lesion_trained_scores):
+@pytest.mark.parametrize("method,floor", [("hirescam", 0.8), ("gradcam", 0.75)])
+def test_gradcam_meets_the_issue_localisation_goals(lesion_trained_scores, method, floor):
     """Pointing >= 90 % and >= 50 % of the map's mass in the masks, on a model trained on the
-    phantoms and their masks. Over seeds 0-2 this model gives 96.9-100 % and 90.0-94.1 %;
-    a Grad-CAM that read the wrong stage, sign or cell alignment would not."""
-    r = lesion_trained_scores
+    phantoms and their masks. Over seeds 0-2 this model gives 97-100 % pointing, and 90-94 %
+    of the mass with HiResCAM, 82-85 % with Grad-CAM. `floor` sits under those, and above
+    what an error gives: seed 0's HiResCAM maps moved one cell (4 px) keep 53 % of the mass
+    and 95 % pointing, and the NORMAL target's maps 3 % and 5 %."""
+    r = lesion_trained_scores[method]
     assert r["auc"] >= 0.9, "the model did not learn; its maps would test nothing"
     assert r["layer"] == "block2" and r["grid"] == 16
-    assert r["pointing"] >= 0.9 and r["mass"] >= 0.5
+    assert r["pointing"] >= 0.9 and r["mass"] >= 0.5  # the issue's goals
+    assert r["mass"] >= floor
+
+
+@pytest.mark.slow
+def test_gradcam_pp_points_at_the_lesions_of_the_mask_trained_model(lesion_trained_scores):
+    """Grad-CAM++ peaks on the lesions too, but holds only 11-14 % of its mass there (seeds
+    0-2): it keeps the channels of positive gradient alone, and drops those that the model
+    weighs against the lung around a lesion. The method's doing, as the paper defines it."""
+    assert lesion_trained_scores["gradcam++"]["pointing"] >= 0.9
 
 
 @pytest.mark.slow
