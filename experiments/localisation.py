@@ -1,7 +1,8 @@
-"""Does Grad-CAM point at the lesion? Localisation on synthetic phantoms whose masks are known.
+r"""Does Grad-CAM point at the lesion? Localisation on synthetic phantoms whose masks are known.
 
-    python experiments/localisation.py                         # the CI test's model, ~1 min
-    python experiments/localisation.py --widths 16,32,32 --hidden 32 --count 1200 --epochs 15
+    python experiments/localisation.py --widths 16,32 --count 640 --epochs 10 --pool-r 10 \
+        --head lesion --lesion-weight 10            # the CI's goal test: trained on the masks
+    python experiments/localisation.py              # the CI's labels-only model, ~1 min
     python experiments/localisation.py --widths 16,32 --count 1200 --epochs 15 --pool-r 10 --seed 0
 
 Trains a DeepCNN on 64 px phantoms (`pneumojax.data.synthetic`: every PNEUMONIA image carries
@@ -16,7 +17,10 @@ at each spatial stage:
 - ideal_mass: the mass of an ideal map at that grid, each cell its lesion fraction, upsampled
   the same way: a reference for what the grid allows (not a strict bound).
 
-`tests/test_gradcam.py` runs the first command's model. Results merge into
+A map can be judged only against where its model looked: a model trained on labels alone
+may put its lesion units a cell off the lesion, so the goals are tested on one whose logit
+pools cell scores trained on the masks too (`--head lesion --lesion-weight 10`).
+`tests/test_gradcam.py` runs the first two commands' models. Results merge into
 experiments/results/localisation.json, one record per (model, data, stage, method).
 """
 

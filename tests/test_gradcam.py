@@ -352,8 +352,9 @@ def test_gradcam_meets_the_issue_localisation_goals(lesion_trained_scores, metho
 @pytest.mark.slow
 def test_gradcam_pp_points_at_the_lesions_of_the_mask_trained_model(lesion_trained_scores):
     """Grad-CAM++ peaks on the lesions too, but holds only 11-14 % of its mass there (seeds
-    0-2): it keeps the channels of positive gradient alone, and drops those that the model
-    weighs against the lung around a lesion. The method's doing, as the paper defines it."""
+    0-2): it keeps the gradients' positive parts alone, which drops the channels that count
+    against PNEUMONIA and cancel the lung around a lesion (Grad-CAM without its negative
+    channel weights falls from 82 % to 13 % on seed 0). The method's doing, as defined."""
     assert lesion_trained_scores["gradcam++"]["pointing"] >= 0.9
 
 
