@@ -29,7 +29,7 @@ def group(path: tuple) -> str:
     top = str(getattr(path[0], "key", path[0]))
     if top in RESNET_GROUPS:
         return RESNET_GROUPS[top]
-    return "head" if top in ("head", "hidden") else "backbone"
+    return "head" if top in ("head", "hidden", "lesion") else "backbone"
 
 
 def frozen_groups(config: ml_collections.ConfigDict, epoch: float) -> frozenset[str]:

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import resnet50
-from pneumojax import train, transfer
+from pneumojax import models, train, transfer
 
 
 def config(**train_overrides):
@@ -109,3 +110,13 @@ def test_graft_keeps_the_moments_of_groups_that_stay_trainable(built):
              if "layer4" in jax.tree_util.keystr(p)]
     assert kept and all((np.asarray(x) == 7).all() for x in kept)
     assert fresh and all((np.asarray(x) == 0).all() for x in fresh)
+
+
+@pytest.mark.parametrize("head,names", [("dense", {"hidden", "head"}), ("lesion", {"lesion"})])
+def test_every_deep_cnn_head_is_the_head_group(head, names):
+    model = models.create("deep_cnn", widths=(4, 8), head=head, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    grouped = {}
+    for path, _ in jax.tree_util.tree_leaves_with_path(params):
+        grouped.setdefault(transfer.group(path), set()).add(path[0].key)
+    assert grouped == {"backbone": {"blocks"}, "head": names}
