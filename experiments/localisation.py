@@ -77,8 +77,7 @@ def trained_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         if fields(saved) != fields(config):
             raise ValueError(f"{workdir}: holds a run of {fields(saved)}, not {fields(config)} "
                              "(model kwargs, image size, phantoms, epochs, seed, lesion weight); "
-                        "use another "
-                             "workdir")
+                             "use another workdir")
     if not (pathlib.Path(workdir) / "summary.json").exists():
         train.train_and_evaluate(config, workdir)
     config, graphdef, state, meta, _ = train.restore(workdir)

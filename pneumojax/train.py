@@ -158,8 +158,9 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array,
 
 def lesion_loss(intermediates: dict[str, jax.Array], masks: jax.Array) -> jax.Array:
     """Mean binary cross-entropy of the model's per-cell `lesion_logits` (B, h, w) against
-    the share of each cell that (B, H, W, 1) float `masks` mark: a cell half covered by a
-    lesion has target 0.5, so the scores peak where the lesion is, not on its rim."""
+    the share of each cell that (B, H, W, 1) float `masks` mark. A cell half covered by a
+    lesion has target 0.5, so a cell's score grows with how much of it is lesion, and the
+    strongest cell lies inside the lesion rather than on its rim."""
     if "lesion_logits" not in intermediates:
         raise ValueError("train.lesion_weight > 0 needs a model that scores cells "
                          "(deep_cnn with model.kwargs.head='lesion')")
