@@ -196,15 +196,16 @@ def make_train_step(graphdef_train, tx, config, weights: jax.Array,
             model = nnx.merge(graphdef_train, trainable, fixed, state["rest"], copy=True)
             logits, inter = model(x.astype(dtype))
             loss = weighted_bce(logits, labels, weights, config.train.label_smoothing)
-            if masks is not None:
-                loss += config.train.lesion_weight * lesion_loss(inter, masks)
-            return loss, nnx.state(model, nnx.Not(nnx.Param))
+            parts = {} if masks is None else {"lesion_loss": lesion_loss(inter, masks)}
+            if parts:
+                loss += config.train.lesion_weight * parts["lesion_loss"]
+            return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
 
-        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        (loss, (rest, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = nnx.merge_state(optax.apply_updates(trainable, updates), fixed)
         new = dict(params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1)
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
 
     return train_step
 
@@ -416,8 +417,8 @@ def _loop(state, start, total_steps, eval_every, c, mesh, val_src, eval_step, sc
                     f"checkpoint (step {ckpt.latest_step()}) is intact in {ckpt.directory}")
             now = time.perf_counter()
             rate = len(values) * c.train.batch_size / (now - tick)
-            record = dict(step=done, split="train", loss=float(losses.mean()),
-                          grad_norm=float(np.mean([v["grad_norm"] for v in values])),
+            means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+            record = dict(step=done, split="train", **means,  # loss, grad_norm, lesion_loss
                           learning_rate=float(schedule(done)), images_per_s=rate)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")

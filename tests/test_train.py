@@ -56,6 +56,9 @@ def test_lesion_supervision_trains_the_cells_on_the_masks(synthetic, tmp_path):
         _, graphdef, state, _, _ = train.restore(tmp_path / str(weight), "latest")
         losses[weight] = float(train.lesion_loss(
             nnx.merge(graphdef, state["params"], state["rest"])(x)[1], masks))
+        logged = [json.loads(line) for line in
+                  (tmp_path / str(weight) / "metrics.jsonl").read_text().splitlines()]
+        assert all(("lesion_loss" in r) == (weight > 0) for r in logged if r["split"] == "train")
     assert losses[10.0] < 0.7 * losses[0.0], losses  # 0.31 against 0.51 when written
     c.data.source = "medmnist"
     with pytest.raises(ValueError, match="only the synthetic source has, not 'medmnist'"):
