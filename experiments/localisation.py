@@ -118,8 +118,8 @@ def measure(model: dict, *, layer: str | None = None, method: str = gradcam.METH
     radius = max(1, size // grid // 2)
     dilated = np.stack([ndimage.binary_dilation(m, np.ones((3, 3)), iterations=radius)
                         for m in masks])
-    cell = masks.reshape(len(masks), grid, size // grid, grid, size // grid).mean((2, 4))
-    ideal = np.asarray(jax.image.resize(cell.astype(np.float32), masks.shape, "bilinear"))
+    cell = train.lesion_share(masks, (grid, grid))
+    ideal = np.asarray(jax.image.resize(cell, masks.shape, "bilinear"))
     return dict(layer=layer, method=method, grid=grid, images=len(maps), radius=radius,
                 auc=model["auc"], **peaks(maps, masks, dilated),
                 mass=_mass(maps, masks), mass_dilated=_mass(maps, dilated),

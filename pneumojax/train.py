@@ -156,6 +156,16 @@ def weighted_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array,
     return jnp.sum(w * per_example) / jnp.sum(w)
 
 
+def lesion_share(masks: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """(B, H, W) masks -> (B, h, w): the share of each cell of an h x w grid that they cover.
+    The lesion head's target, and the ideal map that localisation compares maps with."""
+    (b, size_h, size_w), (h, w) = masks.shape, grid
+    if size_h % h or size_w % w:
+        raise ValueError(f"lesion masks of {(size_h, size_w)} px do not tile a {h}x{w} grid")
+    masks = jnp.asarray(masks, jnp.float32)
+    return masks.reshape(b, h, size_h // h, w, size_w // w).mean((2, 4))
+
+
 def lesion_loss(intermediates: dict[str, jax.Array], masks: jax.Array) -> jax.Array:
     """Mean binary cross-entropy of the model's per-cell `lesion_logits` (B, h, w) against
     the share of each cell that (B, H, W, 1) float `masks` mark. A cell half covered by a
@@ -165,10 +175,7 @@ def lesion_loss(intermediates: dict[str, jax.Array], masks: jax.Array) -> jax.Ar
         raise ValueError("train.lesion_weight > 0 needs a model that scores cells "
                          "(deep_cnn with model.kwargs.head='lesion')")
     cells = intermediates["lesion_logits"]
-    (b, h, w), (_, size, _, _) = cells.shape, masks.shape
-    if size % h or masks.shape[2] % w:
-        raise ValueError(f"lesion masks of {masks.shape[1:3]} px do not tile a {h}x{w} grid")
-    share = masks.reshape(b, h, size // h, w, masks.shape[2] // w).mean((2, 4))
+    share = lesion_share(masks[..., 0], cells.shape[1:])
     return optax.sigmoid_binary_cross_entropy(cells.astype(jnp.float32), share).mean()
 
 
@@ -196,8 +203,9 @@ def make_train_step(graphdef_train, tx, config, weights: jax.Array,
             model = nnx.merge(graphdef_train, trainable, fixed, state["rest"], copy=True)
             logits, inter = model(x.astype(dtype))
             loss = weighted_bce(logits, labels, weights, config.train.label_smoothing)
-            parts = {} if masks is None else {"lesion_loss": lesion_loss(inter, masks)}
-            if parts:
+            parts = {}
+            if masks is not None:
+                parts["lesion_loss"] = lesion_loss(inter, masks)
                 loss += config.train.lesion_weight * parts["lesion_loss"]
             return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
 
