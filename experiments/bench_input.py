@@ -1,14 +1,16 @@
 """Input-pipeline throughput: grain host pipeline (0 and all workers) vs the device-resident path.
 
     python experiments/bench_input.py                      # synthetic phantoms, 224 px
-    python experiments/bench_input.py --source folder:../shared/data/chest_xray
+    python experiments/bench_input.py --source folder:PATH/chest_xray
 
-Writes experiments/results/bench_input.json. Goal: the host pipeline >= 3,000 images/s on 2 cores.
+Records merge into experiments/results/bench_input.json (one per path, workers, batch, size,
+augmentation, data set and device). Goal: the host pipeline >= 3,000 images/s on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import pathlib
@@ -21,9 +23,10 @@ from pneumojax import data
 from pneumojax.data import augment
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
-from experiments.common import device_name
+from experiments import common
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_input.json"
+KEY = ("path", "workers", "batch", "image_size", "augment", "data", "device")
 
 
 def _rate(next_batch, batch: int, seconds: float, warmup: int = 3) -> float:
@@ -63,7 +66,7 @@ def bench_device(dd: data.DeviceData, batch: int, seconds: float, with_augment: 
     return _rate(next_batch, batch, seconds)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="synthetic")
@@ -73,28 +76,29 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--synthetic-count", type=int, default=2000)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     name = data.ensure_prepared(args.source, data_dir=args.data_dir, image_size=args.image_size,
                                 synthetic_count=args.synthetic_count)
     source = data.data_source(name, "train", data_dir=args.data_dir)
-    device = device_name()
+    device = common.device_name()
+    stamp = dict(device=device, data=name, commit=common.commit(),
+                 date=datetime.datetime.now().isoformat(timespec="seconds"))
     records = []
     for workers in sorted({0, os.cpu_count() or 1}):
         rate = bench_host(source, args.batch, workers, args.seconds)
         records.append(dict(path="host", workers=workers, batch=args.batch,
                             image_size=args.image_size, images_per_s=round(rate, 1),
-                            device=device, data=name, augment=False))
+                            augment=False, **stamp))
         print(json.dumps(records[-1]), flush=True)
     dd = data.to_device(source)
     for with_augment in (False, True):
         rate = bench_device(dd, args.batch, args.seconds, with_augment)
         records.append(dict(path="device", workers=0, batch=args.batch,
                             image_size=args.image_size, images_per_s=round(rate, 1),
-                            device=device, data=name, augment=with_augment))
+                            augment=with_augment, **stamp))
         print(json.dumps(records[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    common.merge_results(args.out, records, KEY)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Training throughput, pneumojax against PyTorch, same architectures, same run, same device.
+r"""Training throughput, pneumojax against PyTorch, same architectures, same run, same device.
 
     python experiments/bench_train.py                                      # all 3 models, 64 px
     python experiments/bench_train.py --models deep_cnn --image-size 128 --batch 64
     python experiments/bench_train.py --models deep_cnn,shallow_cnn --config-arg cpu
     python experiments/bench_train.py --models resnet50 --image-size 64 --batch 16
-    python experiments/bench_train.py --dtype bfloat16                     # on a GPU
+    python experiments/bench_train.py --models resnet50,deep_cnn --image-size 224 \
+        --batch auto --dtype bfloat16                                      # on a GPU
 
 What is measured, per model, in images/s of training (forward, backward, optimizer update):
 
@@ -27,6 +28,13 @@ Every step is compiled and warmed up first; then the frameworks alternate in
 `--rounds` rounds of `--seconds / --rounds` each, and the median round is reported, so load
 from other jobs on a shared machine hits both sides alike.
 
+`--batch auto` takes, per model, the largest batch that fits (`largest_batch`: XLA's own
+memory accounting of the compiled step at two small batches, extrapolated to the device's
+limit, then confirmed by running it); PyTorch runs at the same batch, halved only if it runs out
+of memory. On a GPU the two frameworks share the device in one process, so each gets the share
+`XLA_PYTHON_CLIENT_MEM_FRACTION` names (PyTorch through `set_per_process_memory_fraction`);
+the device suite sets 0.45 with `XLA_PYTHON_CLIENT_PREALLOCATE=false`.
+
 Results merge into experiments/results/bench_train.json: a record replaces the one with the
 same (model, framework, image_size, batch, device, dtype, setup, model_kwargs), so CPU and GPU
 runs coexist. The printed ratio is pneumojax / PyTorch images/s.
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib
 import json
 import os
@@ -85,9 +94,9 @@ def _batch(c: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
             rng.integers(0, 2, (b,), dtype=np.int32))
 
 
-def pneumojax_step(c: ml_collections.ConfigDict, hlo_to: pathlib.Path | None = None) -> Step:
-    """The trainer's jitted train step on a fixed batch, its state carried from call to call;
-    `hlo_to` receives the compiled step's HLO."""
+def _pneumojax_jit(c: ml_collections.ConfigDict) -> tuple[Callable, dict, dict]:
+    """(jitted step, replicated state, sharded batch): the trainer's step as
+    `train_and_evaluate` jits it (replicated state donated, batch sharded over the mesh)."""
     mesh = sharding.make_mesh(c.train.num_devices)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     _, _, state = train.build(c, pretrained=False)
@@ -100,7 +109,13 @@ def pneumojax_step(c: ml_collections.ConfigDict, hlo_to: pathlib.Path | None = N
     jitted = jax.jit(lambda s, b: step(s, b["image"], b["label"]),
                      in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0)
     images, labels = _batch(c)
-    batch = sharding.global_batch({"image": images, "label": labels}, mesh)
+    return jitted, state, sharding.global_batch({"image": images, "label": labels}, mesh)
+
+
+def pneumojax_step(c: ml_collections.ConfigDict, hlo_to: pathlib.Path | None = None) -> Step:
+    """The trainer's jitted train step on a fixed batch, its state carried from call to call;
+    `hlo_to` receives the compiled step's HLO."""
+    jitted, state, batch = _pneumojax_jit(c)
     if hlo_to:
         hlo_to.write_text(jitted.lower(state, batch).compile().as_text())
     box = [state]
@@ -109,6 +124,77 @@ def pneumojax_step(c: ml_collections.ConfigDict, hlo_to: pathlib.Path | None = N
         box[0], m = jitted(box[0], batch)
         jax.block_until_ready((box[0], m))
     return run
+
+
+def step_bytes(c: ml_collections.ConfigDict) -> int:
+    """Device memory the compiled train step needs at `c`'s batch: its arguments, outputs and
+    scratch, from XLA's own accounting; nothing runs. On a GPU the compile skips autotuning,
+    which changes the kernels chosen, not what they hold."""
+    jitted, state, batch = _pneumojax_jit(c)
+    lowered = jitted.lower(state, batch)
+    fast = {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
+    m = lowered.compile(compiler_options=fast).memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+
+
+def memory_limit() -> int:
+    """Bytes this process may hold on the first device: the allocator's limit on an
+    accelerator (it honours XLA_PYTHON_CLIENT_MEM_FRACTION), the machine's RAM on a CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def largest_batch(c: ml_collections.ConfigDict, cap: int, probes: tuple[int, int] = (16, 32),
+                  usable: float = 0.9) -> dict:
+    """The largest batch (a multiple of 8, at most `cap`) whose step fits in `usable` of the
+    device's memory. Parameters and optimizer state are fixed and activations grow linearly
+    with the batch, so the step's memory at two probe batches gives both, and the line through
+    them the answer; `fit` then confirms it by running, halving on an out-of-memory error."""
+    sizes = {}
+    for b in probes:
+        probe = ml_collections.ConfigDict(c.to_dict())
+        probe.train.batch_size = b
+        sizes[b] = step_bytes(probe)
+    (b1, m1), (b2, m2) = sorted(sizes.items())
+    per_image = max((m2 - m1) / (b2 - b1), 1.0)
+    limit = memory_limit()
+    predicted = int((usable * limit - (m1 - per_image * b1)) // per_image)
+    batch = max(1, min(cap, predicted // 8 * 8 if predicted >= 8 else predicted))
+    return dict(batch=batch, predicted=predicted, cap=cap, memory_limit=limit,
+                probe_bytes={str(b): m for b, m in sizes.items()},
+                bytes_per_image=round(per_image))
+
+
+def is_oom(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def fit(make: Callable[[int], Step], batch: int, warmup: int = 3) -> tuple[Step, int]:
+    """A step built by `make(batch)` and warmed up, halving `batch` while it runs out of
+    memory: the batch a search predicted is confirmed by running it, not trusted."""
+    while True:
+        try:
+            step = make(batch)
+            for _ in range(warmup):
+                step()
+            return step, batch
+        except Exception as e:  # XlaRuntimeError or torch.OutOfMemoryError, by message
+            if not is_oom(e) or batch == 1:
+                raise
+            print(f"out of memory at batch {batch}; trying {batch // 2}", flush=True)
+            step = None
+            gc.collect()
+            _free_torch_cache()
+            batch //= 2
+
+
+def _free_torch_cache() -> None:
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        sys.modules["torch"].cuda.empty_cache()
 
 
 def torch_setups(device: str, dtype: str) -> list[str]:
@@ -169,7 +255,11 @@ def rate(step: Step, batch: int, seconds: float, min_steps: int = 2) -> float:
     return n * batch / elapsed
 
 
-def main() -> None:
+def _batch_arg(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="shallow_cnn,deep_cnn,resnet50",
@@ -178,7 +268,9 @@ def main() -> None:
     parser.add_argument("--model-kwargs", type=json.loads, default={},
                         help='JSON overriding the config\'s model kwargs, e.g. \'{"width": 8}\'')
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=_batch_arg, default=64,
+                        help="a number, or auto: the largest that fits (largest_batch)")
+    parser.add_argument("--max-batch", type=int, default=4096, help="the cap of --batch auto")
     parser.add_argument("--seconds", type=float, default=20.0, help="per framework and setup")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -187,11 +279,11 @@ def main() -> None:
                         help="comma-separated, e.g. eager,amp+channels_last+compile; "
                              "default: see torch_setups()")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     frameworks = args.frameworks.split(",")
     device = common.device_name()
-    shared = dict(image_size=args.image_size, batch=args.batch, device=device,
+    shared = dict(image_size=args.image_size, device=device,
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   commit=common.commit(), jax_version=jax.__version__)
     if "pytorch" in frameworks:
@@ -200,42 +292,55 @@ def main() -> None:
         shared["torch_version"] = torch.__version__
         setups = (args.torch_setups.split(",") if args.torch_setups
                   else torch_setups(torch_device, args.dtype))
+        if torch_device == "cuda" and "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ:
+            torch.cuda.set_per_process_memory_fraction(
+                float(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]))
     records = []
     for spec in args.models.split(","):
         name, _, arg = spec.partition(":")
         arg = arg or args.config_arg
-        c = model_config(name, arg, args.image_size, args.batch, args.dtype, args.model_kwargs)
+        c = model_config(name, arg, args.image_size, 1, args.dtype, args.model_kwargs)
         label = f"{name}:{arg}" if arg else name
         kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in c.model.kwargs.items()}
-        runs: list[tuple[dict, Step]] = []
+        search = largest_batch(c, args.max_batch) if args.batch == "auto" else None
+        if search:
+            print(f"{label}: batch search {json.dumps(search)}", flush=True)
+        batch = search["batch"] if search else args.batch
+
+        def sized(b: int, c: ml_collections.ConfigDict = c) -> ml_collections.ConfigDict:
+            c.train.batch_size = b
+            return c
+
+        runs: list[tuple[dict, Step, int]] = []  # compiled and warmed up before any timing
         if "pneumojax" in frameworks:
             on_cpu = jax.default_backend() == "cpu"
+            step, batch = fit(lambda b: pneumojax_step(sized(b)), batch)
             runs.append((dict(framework="pneumojax", dtype=args.dtype, setup="jit",
-                              threads=os.cpu_count() if on_cpu else None),
-                         pneumojax_step(c)))
+                              threads=os.cpu_count() if on_cpu else None,
+                              batch_search=search), step, batch))
         if "pytorch" in frameworks:
             for setup in setups:
                 amp = "amp" in setup.split("+")
+                step, b = fit(lambda b, s=setup: pytorch_step(sized(b), s, torch_device), batch)
                 runs.append((dict(framework="pytorch", dtype="bfloat16" if amp else "float32",
                                   setup=setup,
                                   threads=torch.get_num_threads() if torch_device == "cpu"
-                                  else None),
-                             pytorch_step(c, setup, torch_device)))
-        for _, step in runs:  # compile and warm up everything before any timing
-            for _ in range(3):
-                step()
+                                  else None), step, b))
         rounds: list[list[float]] = [[] for _ in runs]
         for _ in range(args.rounds):
-            for i, (_, step) in enumerate(runs):
-                rounds[i].append(rate(step, args.batch, args.seconds / args.rounds))
-        for (meta, _), rates in zip(runs, rounds):
-            records.append(dict(model=label, **meta,
+            for i, (_, step, b) in enumerate(runs):
+                rounds[i].append(rate(step, b, args.seconds / args.rounds))
+        for (meta, _, b), rates in zip(runs, rounds):
+            records.append(dict(model=label, batch=b, **meta,
                                 images_per_s=round(statistics.median(rates), 2),
                                 round_rates=[round(r, 2) for r in rates], model_kwargs=kwargs,
                                 augment=False, **shared))
             print(json.dumps(records[-1]), flush=True)
+        runs.clear()
+        gc.collect()
+        _free_torch_cache()
+        common.merge_results(args.out, records, KEY)  # each model's records as soon as it ends
 
-    common.merge_results(args.out, records, KEY)
     print(f"\n{'model':<16}{'px':>5}{'batch':>6}  {'framework / setup':<34}{'img/s':>9}"
           f"{'pneumojax/this':>16}")
     for r in records:

@@ -210,8 +210,9 @@ def make_train_step(graphdef_train, tx, config, weights: jax.Array,
             return loss, (nnx.state(model, nnx.Not(nnx.Param)), parts)
 
         (loss, (rest, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        params = nnx.merge_state(optax.apply_updates(trainable, updates), fixed)
+        with jax.named_scope("optimizer"):  # labels its kernels in profiles (profile_step)
+            updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+            params = nnx.merge_state(optax.apply_updates(trainable, updates), fixed)
         new = dict(params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **parts}
 

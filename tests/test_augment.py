@@ -177,6 +177,7 @@ def test_jit_with_static_config_keeps_device():
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_batch_sharded_across_devices(tmp_path):
     # Fake devices must be set before jax starts, hence a fresh interpreter; it checks

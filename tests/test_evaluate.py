@@ -23,6 +23,7 @@ def _folder(root, rng):
     (root / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"\xff\xd8 not really")
 
 
+@pytest.mark.gpu
 def test_a_folder_of_unseen_images_at_any_size(trained, tmp_path, capsys):
     _folder(tmp_path / "test", np.random.default_rng(0))
     out = tmp_path / "result.json"
@@ -46,6 +47,7 @@ def test_a_folder_of_unseen_images_at_any_size(trained, tmp_path, capsys):
         assert (tmp_path / f"result_{name}.png").stat().st_size > 1000
 
 
+@pytest.mark.gpu
 def test_tfds_validation_reproduces_the_training_summary(trained):
     result = evaluate.evaluate(trained, "tfds:validation", n_boot=50)
     summary = json.loads((trained / "summary.json").read_text())

@@ -40,6 +40,7 @@ def restored(trained):
     return config, graphdef, state
 
 
+@pytest.mark.gpu
 def test_normal_target_negates_the_pneumonia_gradient(restored):
     _, graphdef, state = restored
     images = _images(4)
@@ -111,6 +112,7 @@ class _TwoBlocks(nnx.Module):
         return self.head(self.blocks[1](block1).mean(axis=(1, 2)))[:, 0]
 
 
+@pytest.mark.gpu
 def test_stage_gradient_matches_central_differences():
     model = _TwoBlocks(nnx.Rngs(0))
     graphdef, state = _split(model)
@@ -149,6 +151,7 @@ def test_gradcam_on_last_stage_of_a_gap_head_is_cam(shallow):
     np.testing.assert_allclose(raw * (a.shape[1] * a.shape[2]), cam, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 def test_batched_equals_one_by_one_and_compiles_once(shallow, monkeypatch):
     _, graphdef, state = shallow
     traces = []
@@ -184,6 +187,7 @@ def test_default_layer_and_errors(shallow):
         gradcam.cams(graphdef, state, _images(1), layer="block3", target="pneumonia")
 
 
+@pytest.mark.gpu
 def test_training_ends_with_a_grid_of_each_confusion_cell(restored, trained, synthetic,
                                                           monkeypatch):
     assert (trained / "plots" / "gradcam_validation.png").stat().st_size > 0

@@ -148,6 +148,7 @@ def test_resnet_stem_pads_symmetrically_like_torch():
     assert np.isfinite(logits).all() and inter["stage4"].shape == (1, 2, 2, 128)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", list(models.MODELS))
 def test_bf16_computes_in_bf16_with_float32_params_and_logits(name):
     model = abstract(name, dtype=jnp.bfloat16)

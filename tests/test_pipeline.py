@@ -79,6 +79,7 @@ def test_eval_visits_every_example_once_and_masks_padding(train_source, process_
     np.testing.assert_array_equal(first["image"][3], train_source[3]["image"])
 
 
+@pytest.mark.gpu
 def test_device_path_gathers_epochs_on_device_without_host_transfers(train_source):
     dd = data.to_device(train_source)
     assert dd.keys() == {"image", "label"}

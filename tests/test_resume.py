@@ -72,6 +72,7 @@ def reference(synthetic, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.gpu
 def test_sigkill_mid_training_then_the_same_command_resumes_bit_identically(
         synthetic, reference, tmp_path):
     proc = subprocess.Popen(cli(tmp_path, synthetic[0]), cwd=ROOT,

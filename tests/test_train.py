@@ -73,6 +73,7 @@ def test_class_weights_invert_the_train_frequencies():
         train.class_weights({"NORMAL": 0, "PNEUMONIA": 3}, True)
 
 
+@pytest.mark.gpu
 def test_a_run_writes_everything_a_user_looks_at(synthetic, tmp_path):
     c = tiny_config(synthetic[0])
     state = train.train_and_evaluate(c, tmp_path)
@@ -97,6 +98,7 @@ def test_a_run_writes_everything_a_user_looks_at(synthetic, tmp_path):
     assert ckpt.meta(summary["best_step"])["threshold"] == summary["threshold"]
 
 
+@pytest.mark.gpu
 def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
         synthetic, tmp_path, monkeypatch):
     train.train_and_evaluate(tiny_config(synthetic[0], epochs=1.0), tmp_path)
@@ -111,6 +113,7 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     assert ckpt.latest_step() == last and ckpt.meta(last) == before
 
 
+@pytest.mark.gpu
 def test_the_device_resident_path_trains_and_resumes(synthetic, tmp_path):
     import shutil
     c = tiny_config(synthetic[0])

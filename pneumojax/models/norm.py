@@ -68,6 +68,12 @@ class BatchNorm(nnx.BatchNorm):
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
                  mask: jax.Array | None = None) -> jax.Array:
+        # The name scope labels its kernels, forward and backward, in profiles (profile_step).
+        with jax.named_scope("batch_norm"):
+            return self._normalise(x, use_running_average, mask)
+
+    def _normalise(self, x: jax.Array, use_running_average: bool | None,
+                   mask: jax.Array | None) -> jax.Array:
         if use_running_average is None:
             use_running_average = self.use_running_average
         applies = (

@@ -1,0 +1,470 @@
+r"""One prepared call on a lent GPU machine measures every GPU figure.
+
+    bash experiments/device_suite.sh                              # on the GPU machine ($OUT set)
+    bash experiments/device_suite.sh --dry-run --out /tmp/suite   # here, on a CPU, tiny sizes
+
+`bash experiments/device_prepare.sh PATH/chest_xray` builds, here, what the call carries (.whl/
+and .gpudata/); device_suite.sh installs those wheels and runs this file. The README section
+"Measuring on a GPU" gives the exact call.
+
+The first line it prints says what is missing (a package, the accelerator, the carried data),
+and if anything is, the suite stops there. Otherwise, within `--budget` seconds:
+
+1. Together, since none of them is a timing: the GPU tests (`pytest -m gpu`: sharded train step,
+   resume, evaluation, Grad-CAM, the device-resident path); the real X-rays prepared at 224 px,
+   then the deep CNN and ResNet50 trained on them from scratch (device-resident data, early
+   stopping within a fixed number of epochs), each best checkpoint then evaluated on the 16
+   `val` films.
+2. One at a time, alone on the device: bench_train.py (ResNet50 and the deep CNN at 224 px in
+   bf16 at the largest batch that fits, against PyTorch AMP + channels_last, eager and
+   compiled), profile_step.py (the ResNet50 bf16 step as training runs it, augmentation
+   included), bench_input.py and bench_gradcam.py.
+
+Each stage is its own process with a deadline and a log; one that fails or runs out of time is
+recorded so and the rest go on. Stages that finished are remembered in `--state`
+(.device_state/, git-ignored, kept while the machine stays warm), so the same command run again
+at once skips them, and reuses the compilation cache kept there.
+
+Written to `--out` (the device returns at most 8 files):
+- suite.json: each stage's status, seconds and figures, the device and the versions;
+- results.tar.gz: experiments/results/*.json as the benches left them; extract it at the
+  repository root to take the new records;
+- deep_cnn_run.tar.gz: the deep CNN's workdir (best checkpoint, summary.json, metrics.jsonl,
+  plots, the `val` evaluation);
+- logs.tar.gz: every stage's log, the tests' JUnit XML, ResNet50's workdir less its checkpoints.
+
+`--dry-run` runs every stage on the CPU, at tiny sizes, on a folder of phantoms it writes in the
+Kaggle layout, in under 3 minutes (tests/test_device_suite.py runs it in CI), so that the suite
+cannot rot between GPU days. Its tests stage only collects the GPU tests, which CI runs anyway;
+its PyTorch runs are eager, since CPUs get no compiled setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PY = sys.executable
+# Importable here or the suite stops: the GPU image's own packages and the carried wheels'.
+PACKAGES = ("jax", "flax", "optax", "orbax.checkpoint", "numpy", "matplotlib", "torch", "PIL",
+            "scipy", "pytest", "grain", "tensorflow_datasets", "ml_collections", "array_record",
+            "pydicom")
+RESULT_FILES = ("bench_train.json", "profile_step.json", "bench_input.json",
+                "bench_gradcam.json", "device_suite.json")
+
+
+@dataclasses.dataclass
+class Stage:
+    """One process of the suite. `command` is built when the stage starts, so it can read what
+    an earlier stage found (profile_step takes bench_train's batch)."""
+
+    name: str
+    command: Callable[[], list[str]]
+    limit: float                    # seconds at most, within what the budget leaves
+    exclusive: bool = False         # alone on the device: its figures are timings
+    after: tuple[str, ...] = ()     # stages that must have finished ok first
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Paths:
+    work: pathlib.Path      # scratch: data sets, runs, logs
+    out: pathlib.Path       # what comes back
+    state: pathlib.Path     # finished stages and the compilation cache, across reruns
+    data: pathlib.Path      # the Kaggle-layout folder: train/, val/
+    results: pathlib.Path   # where the benches merge their records
+
+    @property
+    def tfds(self) -> pathlib.Path:
+        return self.work / "tfds"
+
+    @property
+    def runs(self) -> pathlib.Path:
+        return self.work / "runs"
+
+    @property
+    def logs(self) -> pathlib.Path:
+        return self.work / "logs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What the stages run at: the real suite's, or the dry run's."""
+
+    image_size: int
+    epochs: tuple[float, float]         # deep CNN, ResNet50
+    train_overrides: tuple[str, ...]    # to both runs
+    bench_models: str
+    max_batch: int
+    seconds: float                      # per framework and setup in bench_train
+    rounds: int
+    input_seconds: float                # per measurement in bench_input
+    profile_model: str
+    profile_steps: int
+    input_batch: int
+    gradcam_models: str
+    gradcam_batch: int
+    gradcam_seconds: float
+
+
+REAL = Sizes(image_size=224, epochs=(30.0, 20.0),
+             train_overrides=("--config.data.device_resident=True",),
+             bench_models="resnet50,deep_cnn", max_batch=4096, seconds=9.0, rounds=3,
+             input_seconds=3.0,
+             profile_model="resnet50", profile_steps=5, input_batch=256,
+             gradcam_models="deep_cnn,resnet50", gradcam_batch=64, gradcam_seconds=2.0)
+DRY = Sizes(image_size=32, epochs=(1.0, 1.0),
+            train_overrides=("--config.data.device_resident=True", "--config.train.batch_size=8",
+                             "--config.train.eval_batch_size=16", "--config.train.log_every=1"),
+            bench_models="deep_cnn:cpu", max_batch=16, seconds=0.3, rounds=1,
+            input_seconds=0.2,
+            profile_model="deep_cnn:cpu", profile_steps=1, input_batch=8,
+            gradcam_models="deep_cnn:cpu", gradcam_batch=4, gradcam_seconds=0.1)
+
+
+def stages(p: Paths, s: Sizes, dry: bool) -> list[Stage]:
+    """The suite's stages, in the order they start."""
+    source = f"folder:{p.data}"
+    # The prepare stage's split settings, pinned: a run asking for others would rebuild the
+    # data set under the feet of the runs beside it.
+    data = [f"--config.data.source={source}", f"--config.data.data_dir={p.tfds}",
+            f"--config.data.image_size={s.image_size}", "--config.data.validation_fraction=0.1",
+            "--config.train.seed=0"]
+    tests = [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+             f"--junitxml={p.logs / 'tests.xml'}"] + (["--collect-only"] if dry else [])
+
+    def train(name: str, config: str, epochs: float, extra: tuple[str, ...] = ()) -> Stage:
+        return Stage(f"train_{name}", lambda: [
+            PY, "-m", "pneumojax.main", f"--config={config}", f"--workdir={p.runs / name}",
+            *data, f"--config.train.epochs={epochs}", *s.train_overrides, *extra],
+            limit=240, after=("prepare",))
+
+    def evaluate(name: str) -> Stage:
+        return Stage(f"evaluate_{name}", lambda: [
+            PY, "-m", "pneumojax.evaluate", f"--workdir={p.runs / name}",
+            f"--data=folder:{p.data / 'val'}", f"--out={p.runs / name / 'eval' / 'val.json'}"],
+            limit=60, after=(f"train_{name}",))
+
+    def bench(script: str, *args: str, limit: float, env: dict | None = None) -> Stage:
+        return Stage(script, lambda: [PY, str(ROOT / "experiments" / f"{script}.py"), *args,
+                                      f"--out={p.results / f'{script}.json'}"],
+                     limit=limit, exclusive=True, env=env or {})
+
+    def profile() -> list[str]:
+        batch = found_batch(p.results / "bench_train.json", s.profile_model) or s.max_batch
+        return [PY, str(ROOT / "experiments" / "profile_step.py"), f"--model={s.profile_model}",
+                f"--image-size={s.image_size}", f"--batch={batch}", "--dtype=bfloat16",
+                "--augment", f"--steps={s.profile_steps}",
+                f"--out={p.results / 'profile_step.json'}"]
+
+    deep_cnn = "configs/deep_cnn.py" + (":cpu" if dry else "")
+    resnet50 = "configs/resnet50.py:" + ("demo" if dry else "scratch")
+    return [
+        Stage("tests", lambda: tests, limit=240),
+        Stage("prepare", lambda: [PY, "-m", "pneumojax.data", "prepare", f"--source={source}",
+                                  f"--image-size={s.image_size}", f"--data-dir={p.tfds}"],
+              limit=150, env={"JAX_PLATFORMS": "cpu"}),
+        train("deep_cnn", deep_cnn, s.epochs[0]),
+        train("resnet50", resnet50, s.epochs[1], ("--config.model.dtype=bfloat16",)),
+        evaluate("deep_cnn"),
+        evaluate("resnet50"),
+        bench("bench_train", f"--models={s.bench_models}", f"--image-size={s.image_size}",
+              "--batch=auto", f"--max-batch={s.max_batch}", "--dtype=bfloat16",
+              f"--seconds={s.seconds}", f"--rounds={s.rounds}", limit=330,
+              env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}),
+        Stage("profile_step", profile, limit=120, exclusive=True),
+        bench("bench_input", f"--source={source}", f"--data-dir={p.tfds}",
+              f"--image-size={s.image_size}", f"--batch={s.input_batch}",
+              f"--seconds={s.input_seconds}", limit=90),
+        bench("bench_gradcam", f"--models={s.gradcam_models}", f"--image-size={s.image_size}",
+              f"--batch={s.gradcam_batch}", f"--seconds={s.gradcam_seconds}", limit=150),
+    ]
+
+
+def found_batch(results: pathlib.Path, model: str) -> int | None:
+    """The batch bench_train last ran pneumojax's `model` at on this device."""
+    from experiments import common
+
+    device = common.device_name()
+    records = json.loads(results.read_text()) if results.exists() else []
+    batches = [r["batch"] for r in records if r.get("model") == model
+               and r.get("framework") == "pneumojax" and r.get("device") == device]
+    return batches[-1] if batches else None
+
+
+def preflight(p: Paths, dry: bool) -> tuple[list[str], dict]:
+    """(what is missing, what is there): the suite's first line is made of these."""
+    missing, found = [], {}
+    for name in PACKAGES:
+        try:
+            module = importlib.import_module(name)
+            found[name] = getattr(module, "__version__", "?")
+        except Exception as e:  # ImportError, or a package that fails while importing
+            missing.append(f"{name} ({type(e).__name__}: {e})".replace("\n", " "))
+    if "jax" in found:
+        import jax
+        found["backend"] = jax.default_backend()
+        if not dry and found["backend"] == "cpu":
+            missing.append("an accelerator (JAX sees only the CPU)")
+    if "torch" in found:
+        import torch
+        found["torch_cuda"] = torch.cuda.is_available()
+        if not dry and not found["torch_cuda"]:
+            missing.append("CUDA for PyTorch")
+    manifest = ROOT / ".gpudata" / "MANIFEST.json"
+    if not dry:
+        want = json.loads(manifest.read_text())["chest_xray"] if manifest.exists() else None
+        have = {f"{s.name}/{c.name}": sum(1 for f in c.iterdir() if f.is_file())
+                for s in sorted(p.data.glob("*")) if s.is_dir()
+                for c in sorted(s.iterdir()) if c.is_dir()}
+        if want is None or have != want:
+            missing.append(f"the carried data ({p.data} holds {have or 'nothing'}, "
+                           f"{manifest.name} says {want}): run `bash experiments/"
+                           "device_prepare.sh PATH/chest_xray` here and carry .gpudata")
+        found["data_files"] = sum(have.values())
+    return missing, found
+
+
+def run_stage(stage: Stage, p: Paths, env: dict, deadline: float) -> dict:
+    """Runs one stage to its end or its deadline; its output goes to its log."""
+    seconds = min(stage.limit, deadline - time.monotonic())
+    log = p.logs / f"{stage.name}.log"
+    if seconds < 5:
+        return dict(status="skipped", reason="no time left in the budget", seconds=0.0)
+    command = stage.command()
+    start = time.monotonic()
+    with log.open("w") as f:
+        f.write(" ".join(command) + "\n")
+        f.flush()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**env, **stage.env}, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=seconds)
+            status = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stage and whatever it started
+            rc, status = proc.wait(), "timeout"
+    return dict(status=status, rc=rc, seconds=round(time.monotonic() - start, 1),
+                limit=round(seconds), log=f"logs/{log.name}", tail=_tail(log))
+
+
+def _tail(log: pathlib.Path, lines: int = 4) -> list[str]:
+    return [line[:300] for line in log.read_text(errors="replace").splitlines()[-lines:]]
+
+
+def schedule(plan: list[Stage], p: Paths, env: dict, deadline: float, done: dict,
+             say: Callable[[str], None]) -> dict:
+    """Shared stages run together as their dependencies allow; then each exclusive stage
+    alone. `done` holds stages finished by an earlier call, which are not run again."""
+    results = dict(done)
+
+    def ready(stage: Stage) -> bool | None:
+        """True to start, False to wait, None when a dependency did not finish ok."""
+        states = [results.get(a, {}).get("status") for a in stage.after]
+        if any(s not in (None, "ok") for s in states):
+            return None
+        return all(s == "ok" for s in states)
+
+    import concurrent.futures as cf
+    shared = [s for s in plan if not s.exclusive and s.name not in results]
+    with cf.ThreadPoolExecutor(max_workers=max(len(shared), 1)) as pool:
+        futures: dict[cf.Future, Stage] = {}
+        while shared or futures:
+            for stage in list(shared):
+                state = ready(stage)
+                if state is None:
+                    results[stage.name] = dict(status="skipped", reason=(
+                        f"needs {', '.join(stage.after)}, which did not finish"), seconds=0.0)
+                    shared.remove(stage)
+                elif state:
+                    say(f"start {stage.name}")
+                    futures[pool.submit(run_stage, stage, p, env, deadline)] = stage
+                    shared.remove(stage)
+            if not futures:
+                break
+            finished, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                stage = futures.pop(future)
+                results[stage.name] = future.result()
+                say(_line(stage.name, results[stage.name]))
+    for stage in plan:
+        if stage.exclusive and stage.name not in results:
+            say(f"start {stage.name}")
+            results[stage.name] = run_stage(stage, p, env, deadline)
+            say(_line(stage.name, results[stage.name]))
+    return {s.name: results[s.name] for s in plan}
+
+
+def _line(name: str, r: dict) -> str:
+    return f"{name}: {r['status']} in {r['seconds']:.0f} s" + (
+        f" ({r['reason']})" if "reason" in r else "") + (
+        "" if r["status"] == "ok" else "".join(f"\n    | {t}" for t in r.get("tail", [])))
+
+
+def figures(results: dict, p: Paths, since: str, device: str) -> None:
+    """Adds to each finished stage what it measured, read from the files it wrote."""
+    if (xml := p.logs / "tests.xml").exists():
+        suite = ET.parse(xml).getroot()
+        suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+        failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                  if c.find("failure") is not None or c.find("error") is not None]
+        results["tests"]["figures"] = {k: int(suite.get(k, 0)) for k in
+                                       ("tests", "failures", "errors", "skipped")}
+        results["tests"]["figures"]["failed"] = failed
+        if m := re.search(r"(\d+)(?:/\d+)? tests? collected", (p.logs / "tests.log").read_text()):
+            results["tests"]["figures"]["collected"] = int(m.group(1))  # --collect-only
+    for name in ("deep_cnn", "resnet50"):
+        run = p.runs / name
+        if (summary := run / "summary.json").exists():
+            results[f"train_{name}"]["figures"] = json.loads(summary.read_text())
+        if (val := run / "eval" / "val.json").exists():
+            results[f"evaluate_{name}"]["figures"] = json.loads(val.read_text())
+    for script in ("bench_train", "profile_step", "bench_input", "bench_gradcam"):
+        path = p.results / f"{script}.json"
+        if script in results and path.exists():
+            results[script]["figures"] = [r for r in json.loads(path.read_text())
+                                          if r.get("device") == device
+                                          and str(r.get("date", "")) >= since]
+
+
+def bundle(p: Paths, record: dict) -> list[pathlib.Path]:
+    """The files that come back: at most 8 (the device tool's limit)."""
+    p.out.mkdir(parents=True, exist_ok=True)
+    (p.out / "suite.json").write_text(json.dumps(record, indent=1) + "\n")
+    made = [p.out / "suite.json"]
+    with tarfile.open(p.out / "results.tar.gz", "w:gz") as tar:
+        for name in RESULT_FILES:
+            if (p.results / name).exists():
+                tar.add(p.results / name, arcname=f"experiments/results/{name}")
+    made.append(p.out / "results.tar.gz")
+    run = p.runs / "deep_cnn"
+    if run.exists():
+        best = _best_step(run)
+        with tarfile.open(p.out / "deep_cnn_run.tar.gz", "w:gz") as tar:
+            tar.add(run, arcname="deep_cnn", filter=lambda t: _keep_checkpoint(t, best))
+        made.append(p.out / "deep_cnn_run.tar.gz")
+    with tarfile.open(p.out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(p.logs, arcname="logs")
+        if (p.runs / "resnet50").exists():
+            tar.add(p.runs / "resnet50", arcname="resnet50",
+                    filter=lambda t: None if "/checkpoints" in t.name else t)
+    made.append(p.out / "logs.tar.gz")
+    return made
+
+
+def _best_step(run: pathlib.Path) -> str | None:
+    try:
+        return str(json.loads((run / "summary.json").read_text())["best_step"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _keep_checkpoint(info: tarfile.TarInfo, best: str | None) -> tarfile.TarInfo | None:
+    """Of the checkpoints, only the best step's (the one summary.json reports) travels."""
+    parts = pathlib.PurePath(info.name).parts
+    if len(parts) >= 3 and parts[1] == "checkpoints" and parts[2].isdigit():
+        return info if parts[2] == best else None
+    return info
+
+
+def phantom_folder(root: pathlib.Path, train: int = 48, val: int = 8, size: int = 48) -> None:
+    """A Kaggle-layout folder of synthetic JPEGs with Kermany-style names, for the dry run."""
+    from PIL import Image
+
+    from pneumojax.data import sources, synthetic
+
+    for split, count, seed in (("train", train, 0), ("val", val, 1)):
+        for i, ex in enumerate(synthetic.examples(count, size, seed)):
+            cls = sources.CLASSES[ex["label"]]
+            patient = int(ex["patient_id"].rsplit("-", 1)[1]) + 1000 * seed
+            name = (f"person{patient}_bacteria_{i}.jpeg" if ex["label"] else
+                    f"IM-{patient:04d}-{i:04d}.jpeg")
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ex["image"][..., 0]).save(root / split / cls / name, quality=95)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path,
+                        default=pathlib.Path(os.environ.get("OUT", "workdirs/device_suite")))
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, every stage")
+    parser.add_argument("--budget", type=float, help="seconds in all (default 480; dry 170)")
+    parser.add_argument("--state", type=pathlib.Path, default=ROOT / ".device_state",
+                        help="finished stages and the compilation cache, kept for a rerun")
+    parser.add_argument("--fresh", action="store_true", help="run every stage again")
+    args = parser.parse_args(argv)
+    started, t0 = datetime.datetime.now().isoformat(timespec="seconds"), time.monotonic()
+    budget = args.budget or (170.0 if args.dry_run else 480.0)
+    out = args.out.resolve()
+    work = out.parent / f".{out.name}-work" if args.dry_run else args.state / "work"
+    state = work / "state" if args.dry_run else args.state
+    p = Paths(work=work, out=out, state=state,
+              data=work / "phantoms" if args.dry_run else ROOT / ".gpudata" / "chest_xray",
+              results=work / "results" if args.dry_run else ROOT / "experiments" / "results")
+    # Before JAX starts: the suite's processes share the device, and reruns reuse compilations.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               JAX_COMPILATION_CACHE_DIR=str(state / "jax_cache"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")])))
+    os.environ.update({k: env[k] for k in ("XLA_PYTHON_CLIENT_PREALLOCATE",)})
+
+    missing, found = preflight(p, args.dry_run)
+    if missing:
+        print(f"device suite: missing {'; '.join(missing)}. Stopping.", flush=True)
+        return 2
+    sys.path.insert(0, str(ROOT))
+    from experiments import common
+
+    device = common.device_name()
+    print(f"device suite: ready on {device} ({found['backend']}); " + ", ".join(
+        f"{k} {v}" for k, v in found.items() if k not in ("backend",)) +
+        f"; budget {budget:.0f} s", flush=True)
+    if args.fresh:
+        shutil.rmtree(state, ignore_errors=True)
+    for d in (p.logs, p.runs, p.results, state):
+        d.mkdir(parents=True, exist_ok=True)
+    if args.dry_run and not (p.data / "train").exists():
+        phantom_folder(p.data)
+    done_file = state / "done.json"
+    commit = common.commit()
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    done = {k: v for k, v in done.get(commit, {}).items() if v["status"] == "ok"}
+    if done:
+        print(f"already done at {commit}, not run again: {', '.join(done)}", flush=True)
+
+    say = lambda m: print(f"[{time.monotonic() - t0:5.0f} s] {m}", flush=True)
+    results = schedule(stages(p, DRY if args.dry_run else REAL, args.dry_run), p, env,
+                       t0 + budget - 15, done, say)
+    done_file.write_text(json.dumps({commit: results}, indent=1))
+    figures(results, p, started, device)
+    record = dict(device=device, dry_run=args.dry_run, commit=commit, date=started,
+                  seconds=round(time.monotonic() - t0, 1), budget=budget, versions=found,
+                  stages=results)
+    common.merge_results(p.results / "device_suite.json", [record], ("device", "dry_run"))
+    made = bundle(p, record)
+    failed = [k for k, v in results.items() if v["status"] != "ok"]
+    print(f"device suite: {len(results) - len(failed)} of {len(results)} stages ok"
+          + (f"; not ok: {', '.join(failed)}" if failed else "")
+          + f"; {time.monotonic() - t0:.0f} s; wrote " + ", ".join(m.name for m in made),
+          flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
