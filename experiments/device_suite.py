@@ -226,16 +226,19 @@ def preflight(p: Paths, dry: bool) -> tuple[list[str], dict]:
         found["torch_cuda"] = torch.cuda.is_available()
         if not dry and not found["torch_cuda"]:
             missing.append("CUDA for PyTorch")
-    manifest = ROOT / ".gpudata" / "MANIFEST.json"
+    manifest = p.data.parent / "MANIFEST.json"  # written by device_prepare.sh
     if not dry:
-        want = json.loads(manifest.read_text())["chest_xray"] if manifest.exists() else None
         have = {f"{s.name}/{c.name}": sum(1 for f in c.iterdir() if f.is_file())
                 for s in sorted(p.data.glob("*")) if s.is_dir()
                 for c in sorted(s.iterdir()) if c.is_dir()}
-        if want is None or have != want:
-            missing.append(f"the carried data ({p.data} holds {have or 'nothing'}, "
-                           f"{manifest.name} says {want}): run `bash experiments/"
-                           "device_prepare.sh PATH/chest_xray` here and carry .gpudata")
+        want = json.loads(manifest.read_text())["chest_xray"] if manifest.exists() else None
+        if want is not None and have != want:
+            missing.append(f"part of the carried data ({p.data} holds {have or 'nothing'}, "
+                           f"{manifest} lists {want})")
+        elif not any(have.get(f"train/{c}") for c in ("NORMAL", "PNEUMONIA")):
+            missing.append(f"the X-rays ({p.data}/train/NORMAL and PNEUMONIA are empty or "
+                           "absent): run `bash experiments/device_prepare.sh PATH/chest_xray` "
+                           "and carry .gpudata, or pass --data PATH/chest_xray")
         found["data_files"] = sum(have.values())
     return missing, found
 
@@ -408,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=pathlib.Path, default=ROOT / ".device_state",
                         help="finished stages and the compilation cache, kept for a rerun")
     parser.add_argument("--fresh", action="store_true", help="run every stage again")
+    parser.add_argument("--data", type=pathlib.Path, default=ROOT / ".gpudata" / "chest_xray",
+                        help="the carried X-rays, MANIFEST.json beside them (not in --dry-run)")
     args = parser.parse_args(argv)
     started, t0 = datetime.datetime.now().isoformat(timespec="seconds"), time.monotonic()
     budget = args.budget or (170.0 if args.dry_run else 480.0)
@@ -415,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     work = out.parent / f".{out.name}-work" if args.dry_run else args.state / "work"
     state = work / "state" if args.dry_run else args.state
     p = Paths(work=work, out=out, state=state,
-              data=work / "phantoms" if args.dry_run else ROOT / ".gpudata" / "chest_xray",
+              data=work / "phantoms" if args.dry_run else args.data.resolve(),
               results=work / "results" if args.dry_run else ROOT / "experiments" / "results")
     # Before JAX starts: the suite's processes share the device, and reruns reuse compilations.
     env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
