@@ -34,13 +34,14 @@ def device_name() -> str:
 
 
 def commit() -> str:
-    """The checkout's commit (12 hex digits), or "unknown" outside a git checkout."""
+    """The checkout's commit (12 hex digits); outside a git checkout (a copy of the tree, as on
+    a lent GPU machine) $PNEUMOJAX_COMMIT, else "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, check=False)
+                             capture_output=True, text=True, check=False).stdout.strip()
     except OSError:  # no git
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+        out = ""
+    return out or os.environ.get("PNEUMOJAX_COMMIT") or "unknown"
 
 
 def merge_results(path: pathlib.Path, records: list[dict], key: tuple[str, ...]) -> list[dict]:

@@ -38,7 +38,13 @@ for name in $PACKAGES; do
     "$PY" -m pip wheel -q --no-deps -w .whl.new "$name==$version"
   fi
 done
-for whl in .whl.new/*.whl; do
+# The image's protobuf is older than the carried tensorflow-metadata's generated code
+# needs (>= 6.31)? device_suite.sh then takes this one too, only if the import fails without it.
+mkdir .whl.new/fallback
+protobuf=$("$PY" -c "import importlib.metadata as m; print(m.version('protobuf'))")
+# shellcheck disable=SC2086
+"$PY" -m pip download -q --no-deps $PLATFORM -d .whl.new/fallback "protobuf==$protobuf"
+for whl in .whl.new/*.whl .whl.new/fallback/*.whl; do
   case "$whl" in
     *-none-any.whl|*-cp312-*manylinux*x86_64*.whl|*-abi3-*manylinux*x86_64*.whl) ;;
     *) echo "error: $whl does not run on the GPU machine (CPython 3.12, x86-64)" >&2; exit 2 ;;
@@ -47,7 +53,7 @@ done
 # What the suite's own install does there, checked against that machine's tags without installing.
 # shellcheck disable=SC2086
 "$PY" -m pip install -q --dry-run --no-index --no-deps --target /tmp/device_prepare_check \
-    $PLATFORM .whl.new/*.whl
+    $PLATFORM .whl.new/*.whl .whl.new/fallback/*.whl
 rm -rf .whl && mv .whl.new .whl
 
 rm -rf .gpudata.new && mkdir -p .gpudata.new/chest_xray
@@ -65,7 +71,10 @@ rm -rf .gpudata && mv .gpudata.new .gpudata
 
 whl=$(du -sm .whl | cut -f1); gpu=$(du -sm .gpudata | cut -f1)
 tree=$(git ls-files -z | xargs -0 du -cm 2>/dev/null | tail -1 | cut -f1)
-echo "carry: .whl ${whl} MB ($(ls .whl | wc -l) wheels), .gpudata ${gpu} MB, tracked files ${tree} MB"
+echo "carry: .whl ${whl} MB ($(ls .whl/*.whl | wc -l) wheels, fallback: $(ls .whl/fallback)), .gpudata ${gpu} MB, tracked files ${tree} MB"
 if [ $((whl + gpu + tree)) -gt 60 ]; then
   echo "error: over the device's 64 MiB carry limit; carry less" >&2; exit 2
 fi
+echo "device call: command \"PNEUMOJAX_COMMIT=$(git rev-parse --short=12 HEAD) bash" \
+     "experiments/device_suite.sh\", carry [\".whl\", \".gpudata\"], timeout_s 540" \
+     "(commit first: the copy of the tree that travels has no .git)"

@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     device = common.device_name()
     print(f"device suite: ready on {device} ({found['backend']}); " + ", ".join(
         f"{k} {v}" for k, v in found.items() if k not in ("backend",)) +
-        f"; budget {budget:.0f} s", flush=True)
+        f"; budget {budget:.0f} s" + (f"; {note}" if (note := os.environ.get(
+            "DEVICE_SUITE_NOTE")) else ""), flush=True)
     if args.fresh:
         shutil.rmtree(state, ignore_errors=True)
     for d in (p.logs, p.runs, p.results, state):

@@ -12,5 +12,11 @@ if [[ " $* " != *" --dry-run "* ]] && compgen -G ".whl/*.whl" >/dev/null; then
     { echo "device suite: missing the carried wheels (pip could not install .whl/*.whl:" \
            "$(tail -1 /tmp/device_suite_pip.log)). Stopping."; exit 2; }
   export PYTHONPATH=/tmp/device_suite_site${PYTHONPATH:+:$PYTHONPATH}
+  # An image whose protobuf is too old for the carried generated code: take the carried one.
+  if ! "$PY" -c "import tensorflow_datasets" >/dev/null 2>&1 && compgen -G ".whl/fallback/*.whl" >/dev/null &&
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+          --target /tmp/device_suite_site .whl/fallback/*.whl >>/tmp/device_suite_pip.log 2>&1; then
+    export DEVICE_SUITE_NOTE="took the carried $(cd .whl/fallback && ls *.whl | cut -d- -f1,2)"
+  fi
 fi
 exec "$PY" experiments/device_suite.py "$@"
