@@ -321,29 +321,32 @@ def _line(name: str, r: dict) -> str:
 
 
 def figures(results: dict, p: Paths, since: str, device: str) -> None:
-    """Adds to each finished stage what it measured, read from the files it wrote."""
+    """Adds to each stage that ran now what it measured, read from the files it wrote; a stage
+    finished by an earlier call keeps the figures it had then."""
+    def put(stage: str, value) -> None:
+        if stage in results and "figures" not in results[stage]:
+            results[stage]["figures"] = value
+
     if (xml := p.logs / "tests.xml").exists():
         suite = ET.parse(xml).getroot()
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
-        failed = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
-                  if c.find("failure") is not None or c.find("error") is not None]
-        results["tests"]["figures"] = {k: int(suite.get(k, 0)) for k in
-                                       ("tests", "failures", "errors", "skipped")}
-        results["tests"]["figures"]["failed"] = failed
+        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        counts["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in
+                            suite.iter("testcase")
+                            if c.find("failure") is not None or c.find("error") is not None]
         if m := re.search(r"(\d+)(?:/\d+)? tests? collected", (p.logs / "tests.log").read_text()):
-            results["tests"]["figures"]["collected"] = int(m.group(1))  # --collect-only
+            counts["collected"] = int(m.group(1))  # --collect-only
+        put("tests", counts)
     for name in ("deep_cnn", "resnet50"):
         run = p.runs / name
         if (summary := run / "summary.json").exists():
-            results[f"train_{name}"]["figures"] = json.loads(summary.read_text())
+            put(f"train_{name}", json.loads(summary.read_text()))
         if (val := run / "eval" / "val.json").exists():
-            results[f"evaluate_{name}"]["figures"] = json.loads(val.read_text())
+            put(f"evaluate_{name}", json.loads(val.read_text()))
     for script in ("bench_train", "profile_step", "bench_input", "bench_gradcam"):
-        path = p.results / f"{script}.json"
-        if script in results and path.exists():
-            results[script]["figures"] = [r for r in json.loads(path.read_text())
-                                          if r.get("device") == device
-                                          and str(r.get("date", "")) >= since]
+        if (path := p.results / f"{script}.json").exists():
+            put(script, [r for r in json.loads(path.read_text())
+                         if r.get("device") == device and str(r.get("date", "")) >= since])
 
 
 def bundle(p: Paths, record: dict) -> list[pathlib.Path]:
@@ -458,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda m: print(f"[{time.monotonic() - t0:5.0f} s] {m}", flush=True)
     results = schedule(stages(p, DRY if args.dry_run else REAL, args.dry_run), p, env,
                        t0 + budget - 15, done, say)
-    done_file.write_text(json.dumps({commit: results}, indent=1))
     figures(results, p, started, device)
+    done_file.write_text(json.dumps({commit: results}, indent=1))
     record = dict(device=device, dry_run=args.dry_run, commit=commit, date=started,
                   seconds=round(time.monotonic() - t0, 1), budget=budget, versions=found,
                   stages=results)

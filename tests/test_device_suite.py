@@ -54,6 +54,12 @@ def test_the_dry_run_runs_every_stage_and_bundles_what_comes_back(tmp_path):
     best = str(stages["train_deep_cnn"]["figures"]["best_step"])
     assert "deep_cnn/summary.json" in names and "deep_cnn/eval/val.json" in names
     assert {n.split("/")[2] for n in names if n.startswith("deep_cnn/checkpoints/")} == {best}
+    # The same call again (a warm machine after a cut-short call) runs only what did not finish.
+    again = subprocess.run(["bash", "experiments/device_suite.sh", "--dry-run", f"--out={out}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already done at " in again.stdout, again.stdout
+    assert "start " not in again.stdout
+    assert json.loads((out / "suite.json").read_text())["stages"] == stages
     # The dry run never writes into the repository's results.
     assert not any("dry_run\": true" in (ROOT / "experiments" / "results" / f).read_text()
                    for f in device_suite.RESULT_FILES
