@@ -349,6 +349,46 @@ def figures(results: dict, p: Paths, since: str, device: str) -> None:
                          if r.get("device") == device and str(r.get("date", "")) >= since])
 
 
+def report(stages: dict) -> list[str]:
+    """A few lines of the headline figures, printed last: the device tool returns the end of
+    the output, and the rest is in suite.json."""
+    lines = []
+    if t := stages["tests"].get("figures"):
+        lines.append(f"tests: {t['tests'] - t['failures'] - t['errors'] - t['skipped']} passed, "
+                     f"{t['failures'] + t['errors']} failed, {t['skipped']} skipped"
+                     + (f", {t['collected']} collected" if "collected" in t else "")
+                     + "".join(f"\n  failed {f}" for f in t["failed"]))
+    for name in ("deep_cnn", "resnet50"):
+        if summary := stages[f"train_{name}"].get("figures"):
+            v = summary["validation"]["validation"]
+            line = (f"{name}: validation accuracy {v['accuracy']:.3f}, AUC {v['roc_auc']:.3f} "
+                    f"(best step {summary['best_step']}, {summary.get('images_per_s', 0):.0f} "
+                    f"img/s)")
+            if val := stages[f"evaluate_{name}"].get("figures"):
+                m = val["metrics"]["validation"]
+                line += f"; val films accuracy {m['accuracy']:.3f}, AUC {m['roc_auc']:.3f}"
+            lines.append(line)
+    records = stages["bench_train"].get("figures") or []
+    for r in records:
+        ours = next((q for q in records if q["model"] == r["model"]
+                     and q["framework"] == "pneumojax"), None)
+        ratio = (f" (pneumojax {ours['images_per_s'] / r['images_per_s']:.2f}x)"
+                 if ours and r is not ours else "")
+        lines.append(f"bench_train {r['model']} {r['image_size']} px batch {r['batch']}: "
+                     f"{r['framework']} {r['setup']} {r['images_per_s']:.0f} img/s{ratio}")
+    for r in stages["profile_step"].get("figures") or []:
+        total = max(r["events_ms"], 1e-9)
+        lines.append(f"profile {r['model']} batch {r['batch']}: step {r['step_ms']} ms; " +
+                     ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in r["by_category"].items()))
+    for r in stages["bench_input"].get("figures") or []:
+        lines.append(f"bench_input {r['path']} workers {r['workers']} augment {r['augment']}: "
+                     f"{r['images_per_s']:.0f} img/s")
+    for r in stages["bench_gradcam"].get("figures") or []:
+        lines.append(f"bench_gradcam {r['model']} {r['method']} {r['mode']}: "
+                     f"{r['maps_per_s']:.0f} maps/s, {r['ratio_to_fwd_bwd']:.2f}x fwd+bwd")
+    return lines
+
+
 def bundle(p: Paths, record: dict) -> list[pathlib.Path]:
     """The files that come back: at most 8 (the device tool's limit)."""
     p.out.mkdir(parents=True, exist_ok=True)
@@ -468,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                   stages=results)
     common.merge_results(p.results / "device_suite.json", [record], ("device", "dry_run"))
     made = bundle(p, record)
+    print("\n".join(["", *report(results)]), flush=True)
     failed = [k for k, v in results.items() if v["status"] != "ok"]
     print(f"device suite: {len(results) - len(failed)} of {len(results)} stages ok"
           + (f"; not ok: {', '.join(failed)}" if failed else "")

@@ -25,6 +25,8 @@ def test_the_dry_run_runs_every_stage_and_bundles_what_comes_back(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("device suite: ready on "), proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert lines[-1].startswith("device suite: 10 of 10 stages ok")
+    assert any(x.startswith("bench_train deep_cnn:cpu 32 px batch 16: pytorch") for x in lines)
     # What the device tool brings back: at most 8 files, no deeper than two folders.
     files = [f for f in out.rglob("*") if f.is_file()]
     assert sorted(f.name for f in files) == [
