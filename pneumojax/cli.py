@@ -1,0 +1,60 @@
+"""What every command line does with a user's mistake: one line, exit status 2, no traceback.
+
+Each CLI's `main(argv)` is wrapped by `run`, so the rule lives in one place:
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))
+
+A mistake in the user's input (a file, a flag, a config field) is raised as `UserError`, or as
+one of the errors a bad file or value raises anyway (`OSError`, `ValueError`, a download's
+`RuntimeError` subclass): `run` prints `error: ` and the message on one line to stderr and
+returns 2. `--debug` anywhere in the arguments re-raises instead, traceback and all. Ctrl-C
+prints one line and returns 130. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+DEBUG_FLAG = "--debug"
+
+
+class UserError(ValueError):
+    """A mistake a user can fix, stated as the one line they read: what (the file or field),
+    why, and the fix."""
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input rather than a bug."""
+    from pneumojax.data.download import DownloadError  # the CLIs import it anyway
+
+    return (UserError, OSError, ValueError, DownloadError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message folded onto one line (a message may quote a multi-line value)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if not isinstance(error, OSError) or error.filename is None or str(
+        error.filename) in text else f"{error.filename}: {text}"
+
+
+def run(main: Callable[[list[str]], int], argv: Sequence[str] | None = None,
+        interrupted: str = "interrupted") -> int:
+    """`main(argv)` with the rule above; `interrupted` is the line Ctrl-C prints (say how to
+    resume, where that applies)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args
+    args = [a for a in args if a != DEBUG_FLAG]
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130
+    except expected_errors() as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
