@@ -5,15 +5,17 @@ Each CLI's `main(argv)` is wrapped by `run`, so the rule lives in one place:
     if __name__ == "__main__":
         sys.exit(cli.run(main))
 
-A mistake in the user's input (a file, a flag, a config field) is raised as `UserError`, or as
-one of the errors a bad file or value raises anyway (`OSError`, `ValueError`, a download's
-`RuntimeError` subclass): `run` prints `error: ` and the message on one line to stderr and
-returns 2. `--debug` anywhere in the arguments re-raises instead, traceback and all. Ctrl-C
-prints one line and returns 130. Anything else is a bug and keeps its traceback.
+`ArgumentParser` reports bad arguments the same way. A mistake in the user's input (a file, a
+flag, a config field) is raised as `UserError`, or as one of the errors a bad file or value
+raises anyway (`OSError`, `ValueError`, a download's `RuntimeError` subclass): `run` prints
+`error: ` and the message on one line to stderr and returns 2. `--debug` anywhere in the
+arguments re-raises instead, traceback and all. Ctrl-C prints one line and returns 130.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,6 +25,14 @@ DEBUG_FLAG = "--debug"
 class UserError(ValueError):
     """A mistake a user can fix, stated as the one line they read: what (the file or field),
     why, and the fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument (an unknown choice, a missing one) goes through `run`: one
+    line naming it with the valid choices, not the usage block. Its subcommands inherit it."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{self.prog}: {message}")
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -7,6 +7,7 @@ import random
 import socket
 
 import pytest
+import tqdm
 
 from pneumojax.data.download import DownloadError, download
 
@@ -113,3 +114,30 @@ def test_unreachable_port(tmp_path):
 def test_bad_or_missing_checksum(tmp_path, kwargs):
     with pytest.raises(ValueError):
         download("http://127.0.0.1:1/a.bin", tmp_path / "a.bin", **kwargs)
+
+
+def test_ctrl_c_leaves_only_a_partial_that_the_next_call_resumes(server, tmp_path, monkeypatch):
+    dest, url = tmp_path / "a.bin", f"{server.base}/a.bin"
+
+    def interrupt(self, n):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(tqdm.tqdm, "update", interrupt)  # after the first chunk is on disk
+        with pytest.raises(KeyboardInterrupt):
+            download(url, dest, md5=MD5, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin.partial"]
+    kept = (tmp_path / "a.bin.partial").read_bytes()
+    assert kept and PAYLOAD.startswith(kept)
+    download(url, dest, md5=MD5, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"] and dest.read_bytes() == PAYLOAD
+
+
+def test_a_partial_with_wrong_bytes_is_never_trusted(server, tmp_path):
+    dest, url = tmp_path / "a.bin", f"{server.base}/a.bin"
+    (tmp_path / "a.bin.partial").write_bytes(b"x" * 100_000)  # resumed, so the whole fails
+    with pytest.raises(DownloadError, match="Checksum mismatch"):
+        download(url, dest, md5=MD5, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    download(url, dest, md5=MD5, progress=False)
+    assert dest.read_bytes() == PAYLOAD

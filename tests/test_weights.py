@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumojax import train, weights
-from pneumojax.weights import __main__ as cli
+from pneumojax import cli, train, weights
+from pneumojax.weights.__main__ import main
 from pneumojax.weights import convert
 from tests.test_transfer import config
 from tests.test_weights_convert import torchvision_state_dict
@@ -48,7 +48,7 @@ def _safetensors_bytes() -> bytes:
 
 
 def test_fetch_verifies_converts_and_caches(local_sources, tmp_path, capsys):
-    assert cli.main(["fetch", "resnet50", "--source", "torchvision-v2"]) == 0
+    assert cli.run(main, ["fetch", "resnet50", "--source", "torchvision-v2"]) == 0
     assert "imagenet:torchvision-v2" in capsys.readouterr().out
     tree, preprocessing, variant = weights.load("torchvision-v2")
     expected = convert.from_torch(torchvision_state_dict())
@@ -56,7 +56,7 @@ def test_fetch_verifies_converts_and_caches(local_sources, tmp_path, capsys):
                                   expected["layer4"][2]["conv3"]["kernel"])
     assert variant == "v1.5" and preprocessing == convert.PREPROCESSING["torch"]
     requests = len(local_sources.requests)
-    assert cli.main(["fetch", "resnet50", "--source", "torchvision-v2"]) == 0
+    assert cli.run(main, ["fetch", "resnet50", "--source", "torchvision-v2"]) == 0
     assert len(local_sources.requests) == requests  # the verified download is reused
 
 
@@ -76,7 +76,8 @@ def test_offline_fetch_names_the_url_and_the_convert_route(monkeypatch, tmp_path
     sources = dict(weights.SOURCES)
     sources["keras"] = dataclasses.replace(sources["keras"], url=f"http://127.0.0.1:{port}/k.h5")
     monkeypatch.setattr(weights, "SOURCES", sources)
-    assert cli.main(["fetch", "resnet50", "--source", "keras", "--cache-dir", str(tmp_path)]) == 2
+    argv = ["fetch", "resnet50", "--source", "keras", "--cache-dir", str(tmp_path)]
+    assert cli.run(main, argv) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}/k.h5" in err and "python -m pneumojax.weights convert" in err
 
@@ -84,11 +85,13 @@ def test_offline_fetch_names_the_url_and_the_convert_route(monkeypatch, tmp_path
 def test_convert_a_file_the_user_has(pth_bytes, tmp_path):
     path = tmp_path / "resnet50-11ad3fa6.pth"
     path.write_bytes(pth_bytes)
-    assert cli.main(["convert", str(path), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert cli.run(main, ["convert", str(path), "--cache-dir", str(tmp_path / "c")]) == 0
     assert weights.is_cached("torchvision-v2", cache=tmp_path / "c")
-    assert cli.main(["convert", str(tmp_path / "mystery.bin"), "--cache-dir", str(tmp_path)]) == 2
+    mystery = tmp_path / "mystery.bin"
+    assert cli.run(main, ["convert", str(mystery), "--cache-dir", str(tmp_path)]) == 2
 
 
+@pytest.mark.slow
 def test_a_model_initialised_from_imagenet_gets_the_folded_weights(local_sources):
     weights.fetch("torchvision-v2", progress=False)
     c = config()
@@ -101,6 +104,7 @@ def test_a_model_initialised_from_imagenet_gets_the_folded_weights(local_sources
     np.testing.assert_allclose(state["rest"]["standardize"]["mean"][...], gray_pre["mean"])
 
 
+@pytest.mark.slow
 def test_missing_weights_or_a_wrong_variant_say_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path))
     c = config()

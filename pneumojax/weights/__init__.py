@@ -3,6 +3,13 @@
 The cache (`$PNEUMOJAX_CACHE`, default `~/.cache/pneumojax`) holds the downloaded file under
 `downloads/` and its conversion as an orbax checkpoint under `weights/resnet50-<source>/`,
 so training never re-converts and never needs torch or h5py once the cache is filled.
+
+A download keeps its final name only once its checksum matched, and a conversion is written
+only after every name and shape fitted ResNet50, to a staging folder swapped in whole. A wrong
+or damaged file fails with one line and the cache stays as it was. A download that matched its
+checksum but fails the model check stays in `downloads/`: each fetch verifies it again against
+the digest in force, so a corrected digest or file replaces it, and no fetch caches its
+conversion.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import urllib.request
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pneumojax.cli import UserError
 from pneumojax.data import download
+from pneumojax.weights import convert as conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +66,7 @@ def cache_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
 
 def _source(name: str) -> Source:
     if name not in SOURCES:
-        raise ValueError(f"unknown weight source {name!r}; choose from {', '.join(SOURCES)}")
+        raise UserError(f"unknown weight source {name!r}; choose from {', '.join(SOURCES)}")
     return SOURCES[name]
 
 
@@ -107,28 +116,55 @@ def fetch(name: str, *, cache: str | os.PathLike | None = None, sha256: str | No
 
 
 def convert_file(path: str | os.PathLike, name: str, *, cache: str | os.PathLike | None = None
-            ) -> pathlib.Path:
-    """Converts a weight file the user already has into the cache, as source `name`."""
-    from pneumojax.weights import convert as conv
+                 ) -> pathlib.Path:
+    """Converts a weight file the user already has into the cache, as source `name`.
 
+    The file is read and checked against ResNet50 before the cache is touched.
+    """
     src, path = _source(name), pathlib.Path(path)
+    tree = _read(path, name, src)
+    out = _converted_dir(name, cache)
+    _write_atomically(out, tree, dict(source=name, file=str(path), variant=src.variant,
+                                      preprocessing=conv.PREPROCESSING[src.family]))
+    return out
+
+
+def _read(path: pathlib.Path, name: str, src: Source) -> dict:
+    """The backbone tree in `path`, or one line saying why it is not `name`'s ResNet50."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    tree = conv.from_keras_h5(path) if src.family == "keras" else conv.from_torch(
-        conv.load_state_dict(path))
-    out = _converted_dir(name, cache)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(staging / "params", _string_keys(tree))
-    ckptr.wait_until_finished()
-    (staging / "source.json").write_text(json.dumps(dict(
-        source=name, file=str(path), variant=src.variant,
-        preprocessing=conv.PREPROCESSING[src.family]), indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)  # a reader never sees a half-written conversion
-    return out
+    try:
+        tree = conv.from_keras_h5(path) if src.family == "keras" else conv.from_torch(
+            conv.load_state_dict(path))
+        conv.check(tree, src.variant)
+    except conv.NotResNet50 as e:
+        raise UserError(f"{path}: not the ResNet50 {src.variant} weights that {name} publishes "
+                        f"({e}); convert the file from {src.url}, or pass the --source this "
+                        f"one came from ({', '.join(SOURCES)})") from e
+    return tree
+
+
+def _write_atomically(out: pathlib.Path, tree: dict, meta: dict) -> None:
+    """Writes the conversion beside `out` and swaps it in whole: a reader sees the old entry
+    or the new one, and a failure (Ctrl-C included) leaves the old one and no staging files."""
+    staging, old = out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(staging / "params", _string_keys(tree))
+        ckptr.wait_until_finished()
+        (staging / "source.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            out.rename(old)
+        staging.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():  # stopped between the two renames
+            old.rename(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_cached(name: str, *, cache: str | os.PathLike | None = None) -> bool:
@@ -143,10 +179,15 @@ def load(name: str, *, cache: str | os.PathLike | None = None) -> tuple[dict, di
         raise FileNotFoundError(
             f"ImageNet weights {name!r} are not in the cache ({out}). Fetch them with:\n"
             f"    python -m pneumojax.weights fetch resnet50 --source {name}")
-    meta = json.loads((out / "source.json").read_text())
-    tree = ocp.StandardCheckpointer().restore(out / "params")
-    preprocessing = {k: tuple(v) for k, v in meta["preprocessing"].items()}  # JSON gave lists
-    return _int_keys(tree), preprocessing, meta["variant"]
+    try:
+        meta = json.loads((out / "source.json").read_text())
+        preprocessing = {k: tuple(v) for k, v in meta["preprocessing"].items()}  # JSON: lists
+        tree = ocp.StandardCheckpointer().restore(out / "params")
+        return _int_keys(tree), preprocessing, meta["variant"]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise UserError(f"{out}: the cached conversion is damaged ({type(e).__name__}: {e}); "
+                        f"make it again with python -m pneumojax.weights fetch resnet50 "
+                        f"--source {name}") from e
 
 
 def _string_keys(tree):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pneumojax import weights
-from pneumojax.data.download import DownloadError
+from pneumojax import cli, weights
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pneumojax.weights", description=__doc__)
+def main(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(prog="python -m pneumojax.weights", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch", help="download the official file, verify, convert")
     fetch.add_argument("model", choices=["resnet50"])
@@ -24,23 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     for p in (fetch, convert, commands.choices["list"]):
         p.add_argument("--cache-dir", help="default $PNEUMOJAX_CACHE or ~/.cache/pneumojax")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "fetch":
-            out = weights.fetch(args.source, cache=args.cache_dir, sha256=args.sha256)
-        elif args.command == "convert":
-            out = weights.convert_file(args.path, args.source or _guess(args.path),
-                                  cache=args.cache_dir)
-        else:
-            for name, src in weights.SOURCES.items():
-                cached = weights.is_cached(name, cache=args.cache_dir)
-                print(f"{name:<16}{src.variant:<6}top-1 {src.top1:<10}"
-                      f"{'cached' if cached else 'not cached':<12}{src.url}")
-            return 0
-    except (OSError, ValueError, ImportError, DownloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"converted into {out}; use it with --config.model.init=imagenet:"
-          f"{args.source or _guess(args.path)}")
+    if args.command == "list":
+        for name, src in weights.SOURCES.items():
+            cached = weights.is_cached(name, cache=args.cache_dir)
+            print(f"{name:<16}{src.variant:<6}top-1 {src.top1:<10}"
+                  f"{'cached' if cached else 'not cached':<12}{src.url}")
+        return 0
+    if args.command == "fetch":
+        source = args.source
+        out = weights.fetch(source, cache=args.cache_dir, sha256=args.sha256)
+    else:
+        source = args.source or _guess(args.path)
+        out = weights.convert_file(args.path, source, cache=args.cache_dir)
+    print(f"converted into {out}; use it with --config.model.init=imagenet:{source}")
     return 0
 
 
@@ -48,9 +42,9 @@ def _guess(path: str) -> str:
     for name, src in weights.SOURCES.items():
         if path.endswith(src.file_name) or (name == "timm-a1" and path.endswith(".safetensors")):
             return name
-    raise ValueError(f"{path}: cannot tell which published file this is; pass --source "
-                     f"({', '.join(weights.SOURCES)})")
+    raise cli.UserError(f"{path}: cannot tell which published file this is; pass --source "
+                        f"({', '.join(weights.SOURCES)})")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, interrupted="interrupted; the same command resumes the download"))
