@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,34 @@ def test_split_by_patient_keeps_identical_files_on_one_side():
 def test_split_by_patient_rejects_bad_fraction():
     with pytest.raises(ValueError, match="fraction"):
         sources.split_by_patient(_candidates({"p": (0, 1)}), 1.0, 0)
+
+
+@pytest.mark.parametrize("raw, shown", [
+    (b"IM-0001-0001.jpeg", "IM-0001-0001.jpeg"),
+    ("Röntgen/IM-0001.jpeg".encode(), "Röntgen/IM-0001.jpeg"),  # UTF-8 is kept as it is
+    (b"IM-\xff\xfe.jpeg", "IM-\\xff\\xfe.jpeg"),  # bytes that are not UTF-8
+    (b"a\nb\tc.jpeg", "a\\nb\\tc.jpeg"),  # control characters would break a report's lines
+])
+def test_display_name_is_printable_utf8_on_one_line(raw, shown):
+    name = sources.display_name(os.fsdecode(raw))
+    assert name == shown and name.encode("utf-8") and name.isprintable()
+
+
+def test_fingerprint_follows_names_sizes_and_times_without_reading(tmp_path, monkeypatch):
+    image = tmp_path / "train/NORMAL/IM-0001-0001.jpeg"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"x" * 10)
+    source = f"folder:{tmp_path}"
+    monkeypatch.setattr("builtins.open", None)  # stat only: any open would fail
+    first = sources.fingerprint(source)
+    assert first["files"] == 1 and sources.fingerprint(source) == first
+    stamp = image.stat().st_mtime_ns
+    os.utime(image, ns=(stamp, stamp + 1))
+    touched = sources.fingerprint(source)
+    os.truncate(image, 11)
+    os.utime(image, ns=(stamp, stamp + 1))
+    grown = sources.fingerprint(source)
+    image.rename(image.with_name("IM-0002-0001.jpeg"))
+    renamed = sources.fingerprint(source)
+    assert len({first["sha256"], touched["sha256"], grown["sha256"], renamed["sha256"]}) == 4
+    assert sources.fingerprint("synthetic") is None

@@ -4,23 +4,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from pneumojax.data import builder, stats
-from pneumojax.data.download import DownloadError
+from pneumojax import cli
+from pneumojax.data import builder, sources, stats
 
 
 def _format_report(report: dict) -> str:
-    rows = [f"Prepared {report['name']} at {report['path']}", *stats.split_table(report["splits"])]
+    rows = [f"Prepared {report['name']} at {sources.display_name(report['path'])}",
+            *stats.split_table(report["splits"])]
     rows.append(f"Files read: {report['files_read']}, written: {report['written']}, "
                 f"rejected: {len(report['rejected'])}")
-    rows += [f"  rejected {r['file']}: {r['reason']}" for r in report["rejected"]]
+    rows += _rejection_rows(report["rejected"])
     rows += [f"  note: {n}" for n in report["notes"]]
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pneumojax.data", description=__doc__)
+def _rejection_rows(rejected: list[dict]) -> list[str]:
+    """One row per file, or one per folder for its files rejected for the same reason: a
+    misnamed folder of a thousand images is one row that names it."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rejected:
+        groups.setdefault((os.path.dirname(r["file"]), r["reason"]), []).append(r["file"])
+    return [f"  rejected {files[0]}: {reason}" if len(files) == 1
+            else f"  rejected {len(files)} files in {folder}/: {reason}"
+            for (folder, reason), files in groups.items()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m pneumojax.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="build chest_xray_pneumonia from a source")
     prep.add_argument("--source", required=True,
@@ -37,31 +50,27 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--data-dir")
     st.add_argument("--name", help="one prepared config (default: all in the data dir)")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    return parser
 
-    try:
-        if args.command == "prepare":
-            if args.image_size < 32:
-                parser.error("--image-size must be at least 32")
-            report = builder.prepare(args.source, data_dir=args.data_dir,
-                                     image_size=args.image_size,
-                                     validation_fraction=args.validation_fraction,
-                                     seed=args.seed, synthetic_count=args.synthetic_count)
-            print(_format_report(report))
-            return 0
-        names = [args.name] if args.name else builder.prepared_names(args.data_dir)
-        if not names:
-            where = args.data_dir or builder.default_data_dir()
-            raise FileNotFoundError(f"no prepared data sets in {where}; "
-                                    "run `python -m pneumojax.data prepare --source ...` first")
-        results = [stats.dataset_stats(n, args.data_dir) for n in names]
-        print(json.dumps(results, indent=1) if args.json else
-              "\n\n".join(stats.format_stats(r) for r in results))
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "prepare":
+        report = builder.prepare(args.source, data_dir=args.data_dir, image_size=args.image_size,
+                                 validation_fraction=args.validation_fraction, seed=args.seed,
+                                 synthetic_count=args.synthetic_count)
+        print(_format_report(report))
         return 0
-    except (OSError, ValueError, DownloadError) as e:  # bad input: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names = [args.name] if args.name else builder.prepared_names(args.data_dir)
+    if not names:
+        where = args.data_dir or builder.default_data_dir()
+        raise cli.UserError(f"no prepared data sets in {where}; "
+                            "run `python -m pneumojax.data prepare --source ...` first")
+    results = [stats.dataset_stats(n, args.data_dir) for n in names]
+    print(json.dumps(results, indent=1) if args.json else
+          "\n\n".join(stats.format_stats(r) for r in results))
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -24,12 +24,10 @@ from pneumojax.data import builder
 
 def data_source(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
                 with_lesion_mask: bool = False) -> Sequence[dict]:
-    """A random-access view of one prepared split, read through `tfds.data_source`."""
-    data_dir = builder.default_data_dir() if data_dir is None else data_dir
-    builder.load_report(data_dir, name)  # a clear error if it was never prepared
+    """A random-access view of one prepared split, read through TFDS from the build this
+    process reads (see `builder.current_build`); a clear error if it was never prepared."""
     decoders = None if with_lesion_mask else {"lesion_mask": tfds.decode.SkipDecoding()}
-    return tfds.data_source(f"{builder.NAME}/{name}", split=split, data_dir=str(data_dir),
-                            decoders=decoders)
+    return builder.read_split(data_dir, name, split, decoders)
 
 
 class ImageLabels(Sequence):

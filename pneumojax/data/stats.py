@@ -15,13 +15,11 @@ def dataset_stats(name: str, data_dir: str | os.PathLike | None = None) -> dict:
 
     Reads what was written, not the prepare report, so it also checks the files themselves.
     """
-    data_dir = builder.default_data_dir() if data_dir is None else data_dir
     report = builder.load_report(data_dir, name)
     skip = {"image": tfds.decode.SkipDecoding(), "lesion_mask": tfds.decode.SkipDecoding()}
     splits, patients, hashes = {}, collections.defaultdict(set), collections.defaultdict(list)
     for split in report["splits"]:
-        src = tfds.data_source(f"{builder.NAME}/{name}", split=split, data_dir=str(data_dir),
-                               decoders=skip)
+        src = builder.read_split(data_dir, name, split, skip)
         counts = dict.fromkeys(sources.CLASSES, 0)
         split_patients = set()
         for i in range(len(src)):
@@ -57,7 +55,7 @@ def split_table(splits: dict[str, dict]) -> list[str]:
 
 
 def format_stats(stats: dict) -> str:
-    rows = [f"{stats['name']}  (source: {stats['settings']['source']})",
+    rows = [f"{stats['name']}  (source: {sources.display_name(stats['settings']['source'])})",
             *split_table(stats["splits"])]
     dup_files = sum(len(d) - 1 for d in stats["duplicate_groups"])
     rows.append(f"  duplicate images (same content hash): {len(stats['duplicate_groups'])} groups, "
