@@ -259,9 +259,10 @@ def _interval(m: dict | None, key: str) -> str:
     if m is None:
         return "—"
     scale, digits = (1, 3) if key.endswith("auc") else (100, 1)
-    lo, hi = m["ci95"][key]
-    fmt = lambda v: "n/a" if math.isnan(v) else f"{scale * v:.{digits}f}"
-    return f"{fmt(m[key])} [{fmt(lo)}, {fmt(hi)}]"
+    # None: undefined on this split (one class: metrics.summarize says why); NaN in old records.
+    fmt = lambda v: "n/a" if v is None or math.isnan(v) else f"{scale * v:.{digits}f}"
+    interval = m["ci95"].get(key)
+    return fmt(m[key]) + ("" if interval is None else f" [{fmt(interval[0])}, {fmt(interval[1])}]")
 
 
 def _minutes(seconds: float | None) -> str:

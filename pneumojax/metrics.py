@@ -13,7 +13,8 @@ brute-force checks as the point estimates.
 Zero division (e.g. precision when nothing is predicted positive) gives 0.0, as
 sklearn's `zero_division=0` does, without a warning. AUCs are nan when a class is
 missing, because ranking needs both; a missing class is normal in small bootstrap
-resamples, and nan is what `np.nanpercentile` then skips.
+resamples, and nan is what `np.nanpercentile` then skips. `summarize`, which reports
+read, shows such a metric as None with its reason (`undefined`).
 """
 
 from collections.abc import Mapping
@@ -254,12 +255,47 @@ def choose_threshold(labels, probs, criterion: str = "youden") -> float:
     return float(candidates[np.argmax(objectives[criterion])])
 
 
+def undefined(labels, probs, threshold: float) -> dict[str, str]:
+    """The metrics of `classification_metrics` that are 0/0 on this sample, each with why.
+
+    Their values there (0.0, or nan for the AUCs) are conventions that keep sweeps and
+    bootstraps running, not measurements: a report shows none and says why instead. A test
+    folder of one class is the usual case.
+    """
+    labels, probs = _check(labels, probs)
+    (tn, fp), (fn, tp) = confusion(labels, probs, threshold)
+    only = "PNEUMONIA" if labels.all() else "NORMAL"
+    checks = {"precision": (tp + fp == 0, f"no image predicted PNEUMONIA at {threshold:.3f}"),
+              "recall": (tp + fn == 0, "no PNEUMONIA image"),
+              "specificity": (tn + fp == 0, "no NORMAL image"),
+              "f1": (2 * tp + fp + fn == 0, "no PNEUMONIA image, and none predicted"),
+              "roc_auc": (labels.all() or not labels.any(),
+                          f"ranking needs both classes; only {only} images")}
+    checks["sensitivity"], checks["pr_auc"] = checks["recall"], checks["roc_auc"]
+    return {k: checks[k][1] for k in INTERVAL_METRICS if k in checks and checks[k][0]}
+
+
+def _interval_or_none(interval: tuple[float, float]) -> tuple[float, float] | None:
+    return interval if np.isfinite(interval).all() else None
+
+
 def summarize(labels, probs, thresholds: Mapping[str, float], *, groups=None,
               n_boot: int = 1000, seed: int = 0) -> dict:
-    """{name: {**classification_metrics, "ci95": bootstrap_intervals}} per named
-    threshold, e.g. {"0.5": 0.5, "validation": t}, so a report shows the fixed and the
-    validation-chosen operating points side by side."""
-    return {name: {**classification_metrics(labels, probs, t),
-                   "ci95": bootstrap_intervals(labels, probs, t, n_boot=n_boot, seed=seed,
-                                               groups=groups, level=0.95)}
-            for name, t in thresholds.items()}
+    """{name: {**classification_metrics, "ci95": bootstrap_intervals, "undefined"}} per
+    named threshold, e.g. {"0.5": 0.5, "validation": t}, so a report shows the fixed and the
+    validation-chosen operating points side by side.
+
+    A metric in `undefined` (metric: reason) is None, as is its interval, and so is an
+    interval no resample defines: the dict holds no nan, and its JSON is strict.
+    """
+    summary = {}
+    for name, t in thresholds.items():
+        values = classification_metrics(labels, probs, t)
+        intervals = bootstrap_intervals(labels, probs, t, n_boot=n_boot, seed=seed,
+                                        groups=groups, level=0.95)
+        gaps = undefined(labels, probs, t)
+        summary[name] = {**values, **dict.fromkeys(gaps),
+                         "ci95": {k: None if k in gaps else _interval_or_none(v)
+                                  for k, v in intervals.items()},
+                         "undefined": gaps}
+    return summary

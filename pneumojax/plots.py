@@ -16,11 +16,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from PIL import Image
 
 from pneumojax import metrics
 
 DPI: int = 120
 CLASS_NAMES: tuple[str, str] = ("NORMAL", "PNEUMONIA")
+MAX_ASPECT: float = 3.0  # widest (and tallest) panel of an image figure, as width / height
+OVERLAY_MAX_SIDE: int = 1024  # pixels an overlay draws a side: panels are 384 px tall
 _STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
           "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
           "axes.spines.right": False}
@@ -213,7 +216,8 @@ def image_grid(images, path: str | os.PathLike, *, titles: Sequence[str] | None 
     nrows = -(-n // ncols)
     cell = 1.7  # Inches per image: thumbnails stay readable with a title line above.
     with matplotlib.rc_context({**_STYLE, "axes.grid": False}):
-        fig = _figure(cell * ncols * width / height + (0.8 if overlays is not None else 0),
+        fig = _figure(cell * ncols * _aspect(height, width)
+                      + (0.8 if overlays is not None else 0),
                       (cell + (0.3 if titles is not None else 0)) * nrows)
         axes = fig.subplots(nrows, ncols, squeeze=False)
         for index, ax in enumerate(axes.flat):
@@ -234,26 +238,59 @@ def image_grid(images, path: str | os.PathLike, *, titles: Sequence[str] | None 
         return _save(fig, path)
 
 
+def _aspect(height: int, width: int) -> float:
+    """Width / height of a panel, within `MAX_ASPECT` either way: the figure's size follows
+    it, so a hostile 80,000 x 32 image must not make it 80,000 / 32 panels wide."""
+    return float(np.clip(width / height, 1 / MAX_ASPECT, MAX_ASPECT))
+
+
+def _resized(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A 2-D array resized bilinearly to `shape` (rows, columns); uint8 stays uint8, floats
+    become float32."""
+    image = Image.fromarray(array).resize((shape[1], shape[0]), Image.Resampling.BILINEAR,
+                                          reducing_gap=3.0)
+    return np.asarray(image)
+
+
+def preview(image) -> np.ndarray:
+    """An (H, W) image shrunk to at most `OVERLAY_MAX_SIDE` pixels a side (and at least 2):
+    all that `heatmap_overlay` draws of it, so a caller may keep this instead of a large scan."""
+    image = np.asarray(image)
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(image.shape))
+    shape = (max(2, round(image.shape[0] * scale)), max(2, round(image.shape[1] * scale)))
+    return image if shape == image.shape else _resized(image, shape)
+
+
 def heatmap_overlay(image, heat, path: str | os.PathLike, *, title: str = "",
                     level: float = 0.5, cmap: str = "jet", alpha: float = 0.6) -> Path:
     """One X-ray three ways: as it is, with the heat map over it, and with the heat map's
-    `level` contour, so a reader can check the anatomy under the hot region."""
-    image = np.asarray(image, np.float64)
-    image = image / 255.0 if image.max() > 1 else image
-    heat = np.clip(np.asarray(heat, np.float64), 0, 1)
-    if heat.shape != image.shape:
-        raise ValueError(f"heat map {heat.shape} must match the image {image.shape}")
+    `level` contour, so a reader can check the anatomy under the hot region.
+
+    `image` is (H, W), uint8 or floats in [0, 1], at any size; `heat` (h, w) in [0, 1] at
+    any resolution is stretched over it, as the model's squashed input is. Both are drawn at
+    the size of `preview(image)`, and an image beyond `MAX_ASPECT` is squashed to it (the
+    panel says so): the PNG's size is bounded whatever the image's size or shape.
+    """
+    image, heat = np.asarray(image), np.asarray(heat)
+    if image.ndim != 2 or heat.ndim != 2:
+        raise ValueError(f"image {image.shape} and heat map {heat.shape} must be 2-D")
+    shown = preview(image)
+    heat = np.clip(_resized(heat.astype(np.float32), shown.shape), 0, 1)
+    shown = shown / 255.0 if shown.dtype == np.uint8 else shown
+    aspect = _aspect(*shown.shape)
+    squash = (shown.shape[1] / shown.shape[0]) / aspect  # 1: drawn in its own shape
+    first = "image" if squash == 1 else "image (squashed)"
     with matplotlib.rc_context({**_STYLE, "axes.grid": False}):
-        fig = _figure(3 * 3.2 * image.shape[1] / image.shape[0] + 0.8, 3.6)
+        fig = _figure(max(3 * 3.2 * aspect + 0.8, 8.0), 3.6)  # 8 in: the title fits
         axes = fig.subplots(1, 3)
-        for ax, name in zip(axes, ("image", "heat map", f"contour at {level:g}")):
-            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        for ax, name in zip(axes, (first, "heat map", f"contour at {level:g}")):
+            ax.imshow(shown, cmap="gray", vmin=0, vmax=1, aspect=squash)
             ax.set_title(name, fontsize=9)
             ax.set_axis_off()
-        axes[1].imshow(heat, cmap=cmap, vmin=0, vmax=1, alpha=alpha * heat)
+        axes[1].imshow(heat, cmap=cmap, vmin=0, vmax=1, alpha=alpha * heat, aspect=squash)
         if heat.max() > level:
             axes[2].contour(heat, levels=[level], colors="red", linewidths=1.2)
         fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=axes, shrink=0.8, label="heat")
         if title:
-            fig.suptitle(title, fontsize=10)
+            fig.suptitle(title, fontsize=10, wrap=True)  # a long file name
         return _save(fig, path)

@@ -234,3 +234,37 @@ def test_summarize():
         assert entry["ci95"] == intervals
         assert entry["accuracy"] == metrics.classification_metrics(labels, probs, t)["accuracy"]
     json.dumps(summary)
+
+
+def _strict_json(value) -> object:
+    """The value through JSON that refuses NaN and infinities, both ways."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} in JSON")
+    return json.loads(json.dumps(value, allow_nan=False), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("labels, undefined", [
+    (np.zeros(4, int), {"recall", "sensitivity", "roc_auc", "pr_auc"}),
+    (np.ones(4, int), {"specificity", "roc_auc", "pr_auc"}),
+])
+def test_one_class_reports_what_is_defined_and_why_the_rest_is_not(labels, undefined):
+    probs = np.array([0.1, 0.4, 0.6, 0.9])  # some predicted positive: precision is defined
+    reasons = metrics.undefined(labels, probs, 0.5)
+    assert set(reasons) == undefined
+    assert "both classes" in reasons["roc_auc"]
+    summary = _strict_json(metrics.summarize(labels, probs, {"0.5": 0.5}, n_boot=50))["0.5"]
+    assert summary["undefined"] == reasons
+    for key in metrics.INTERVAL_METRICS:
+        assert (summary[key] is None) == (key in undefined)
+        assert (summary["ci95"][key] is None) == (key in undefined)
+    assert summary["accuracy"] == 0.5 and summary["confusion_matrix"] == (
+        [[2, 2], [0, 0]] if labels[0] == 0 else [[0, 0], [2, 2]])
+
+
+def test_nothing_predicted_positive_leaves_precision_undefined():
+    labels, probs = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])
+    reasons = metrics.undefined(labels, probs, 0.5)
+    assert set(reasons) == {"precision"} and "predicted PNEUMONIA" in reasons["precision"]
+    # F1 is 2 TP / (2 TP + FP + FN) = 0 / 2 here: a real zero, not 0/0.
+    assert metrics.summarize(labels, probs, {"0.5": 0.5}, n_boot=20)["0.5"]["f1"] == 0.0
+    assert metrics.undefined(labels, probs, 0.35) == {}

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,43 @@ def test_plotting_leaves_pyplot_alone(tmp_path):
             f"plots.confusion_matrix([[1, 2], [3, 4]], {str(tmp_path / 'cm.png')!r}); "
             "assert 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("height, width, size", [
+    (300, 400, (1632, 432)),  # an ordinary film: three panels in its own shape
+    (32, 80_000, (3552, 432)),  # a hostile strip: squashed to MAX_ASPECT, not 2,500 : 1
+    (80_000, 32, (960, 432)),  # and upright: the figure keeps its minimum width for the title
+])
+def test_heatmap_overlay_is_bounded_whatever_the_aspect_ratio(tmp_path, height, width, size):
+    image = np.random.default_rng(0).integers(0, 256, (height, width), dtype=np.uint8)
+    heat = np.outer(np.hanning(16), np.hanning(16))  # the model's grid, stretched over it
+    path = plots.heatmap_overlay(image, heat, tmp_path / "overlay.png",
+                                 title="x.png: P(PNEUMONIA) = 0.500 -> NORMAL " * 3)
+    _check_png(path, *size)
+
+
+def _peak_bytes(image: np.ndarray, path: Path) -> int:
+    tracemalloc.start()
+    try:
+        plots.heatmap_overlay(image, np.ones((8, 8)), path)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.slow
+def test_heatmap_overlay_memory_does_not_grow_with_the_scan(tmp_path):
+    # Only the preview is drawn: the old float64 copies of image, heat and alpha took 24 bytes
+    # a pixel more; shrinking takes about two.
+    rng = np.random.default_rng(0)
+    side = plots.OVERLAY_MAX_SIDE
+    small = rng.integers(0, 256, (side, side), dtype=np.uint8)
+    large = rng.integers(0, 256, (4 * side, 4 * side), dtype=np.uint8)
+    assert _peak_bytes(large, tmp_path / "l.png") < _peak_bytes(small, tmp_path / "s.png") \
+        + 4 * large.nbytes
+    assert plots.preview(large).shape == (side, side) and plots.preview(large).dtype == np.uint8
+
+
+def test_heatmap_overlay_rejects_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match="2-D"):
+        plots.heatmap_overlay(np.zeros((40, 40, 3)), np.zeros((8, 8)), tmp_path / "o.png")
