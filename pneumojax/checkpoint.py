@@ -2,13 +2,18 @@
 
 A checkpoint is written to a temporary folder and renamed when complete, so a run killed
 mid-write leaves the previous one usable. The latest checkpoints are kept for resuming and the
-best one by validation ROC-AUC for evaluation.
+best one by validation ROC-AUC for evaluation. A checkpoint damaged later (a truncated or lost
+file) is set aside on resuming, and the run resumes from the newest one that reads back whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import pathlib
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -16,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from pneumojax import cli
 
 BEST_METRIC = "roc_auc"
 
@@ -35,6 +42,26 @@ def _data_to_keys(restored: Any, like: Any) -> Any:
     """Back to typed keys, of JAX's default implementation: every key here is made with it."""
     return jax.tree.map(lambda r, ref: jax.random.wrap_key_data(r) if _is_key(ref) else r,
                         restored, like)
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads() -> Iterator[None]:
+    """orbax stops a restore at its first unreadable array and closes its event loop while
+    tensorstore finishes the other reads, each of which then reports "Event loop is closed" as
+    an unraisable exception: dozens of tracebacks for one damaged file. They are dropped while
+    this block runs (the next restore lasts long enough for them all); the rest go on to the
+    usual hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 class Checkpointer:
@@ -111,6 +138,44 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return _data_to_keys(restored["state"], like), restored["meta"]
+
+    def restore_latest(self, like: Callable[[dict], Any], *, data_iterator: Any = None
+                       ) -> tuple[int, Any, dict, list[str]] | None:
+        """(step, state, meta, set aside) of the newest checkpoint that reads back whole, or
+        None if there is none. `like(meta)` is the state's shape at a step (it may depend on
+        the step's metadata). Each newer checkpoint, unreadable, is renamed
+        `<step>.unreadable` (kept for a post-mortem, no longer a step), so the run redoes its
+        steps; `set aside` says so, one short line each. If no checkpoint reads, the newest
+        one's error is raised: then the fault is not a damaged checkpoint."""
+        unreadable: dict[int, Exception] = {}
+        with _quiet_abandoned_reads():
+            for step in reversed(self.steps()):
+                try:
+                    meta = self.meta(step)
+                    state, meta = self.restore(step, like(meta), data_iterator=data_iterator)
+                # orbax and tensorstore report a damaged file as ValueError, OSError, KeyError,
+                # or a bare Exception; a fault that is not damage fails the older steps too.
+                except Exception as e:
+                    unreadable[step] = e
+                    continue
+                return step, state, meta, self._set_aside(unreadable)
+        if unreadable:
+            raise next(iter(unreadable.values()))
+        return None
+
+    def _set_aside(self, unreadable: dict[int, Exception]) -> list[str]:
+        lines = []
+        for step, error in unreadable.items():
+            names = (f"{step}.unreadable" + (f".{n}" if n else "") for n in itertools.count())
+            name = next(n for n in names if not (self.directory / n).exists())
+            if jax.process_index() == 0:
+                (self.directory / str(step)).rename(self.directory / name)
+            lines.append(f"step {step} (now {name}: {cli.one_line(error)[:120]})")
+        if unreadable and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+        self.manager.reload()
+        return lines
 
     def close(self) -> None:
         self.manager.close()

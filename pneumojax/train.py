@@ -9,6 +9,7 @@ run repeats an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -24,9 +25,12 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from pneumojax import checkpoint, gradcam, metrics, models, plots, sharding, transfer
+from pneumojax import (checkpoint, cli, config_check, gradcam, metrics, models, plots, sharding,
+                       transfer, workdirs)
 from pneumojax import data as pdata
 from pneumojax.data import augment, builder
+from pneumojax.data.sources import CLASSES
+from pneumojax.workdirs import load_config
 
 State = dict[str, Any]
 
@@ -61,12 +65,9 @@ def _load_imagenet(model: nnx.Module, config: ml_collections.ConfigDict) -> None
     from pneumojax import weights
     from pneumojax.weights import convert
 
-    kind, _, name = config.model.init.partition(":")
-    if kind != "imagenet" or config.model.name != "resnet50":
-        raise ValueError(f"model.init={config.model.init!r}: use scratch, or imagenet:SOURCE "
-                         f"with resnet50 (sources: {', '.join(weights.SOURCES)})")
+    name = config.model.init.partition(":")[2]  # config_check: imagenet:SOURCE with resnet50
     tree, preprocessing, variant = weights.load(name)
-    if variant != config.model.kwargs.get("variant", "v1.5"):
+    if variant != config.model.kwargs.get("variant", "v1.5"):  # the cached file's own
         raise ValueError(f"{name} weights are ResNet50 {variant}; add "
                          f"--config.model.kwargs.variant={variant}")
     convert.load_into(model, *convert.to_grayscale(tree, preprocessing))
@@ -78,33 +79,6 @@ def train_graphdef(config: ml_collections.ConfigDict, frozen: frozenset[str]):
     model.train()
     transfer.freeze_batch_norm(model, frozen)
     return nnx.graphdef(model)
-
-
-def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """A run's config; fields added to the defaults since the run was made get their defaults.
-
-    The defaults live in the repository's `configs/`; outside a checkout (the CLIs run from
-    anywhere) the saved config is used as it is.
-    """
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not a training workdir (no config.json)")
-    saved = json.loads(path.read_text())
-    try:
-        from configs import common
-    except ImportError:
-        return ml_collections.ConfigDict(saved)
-    config = common.get_config()
-    _merge(config, saved)
-    return config
-
-
-def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
-    for key, value in saved.items():
-        if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
-            _merge(config[key], value)
-        else:
-            config[key] = value
 
 
 def restore(workdir: str | pathlib.Path, which: str | int = "best"
@@ -293,24 +267,37 @@ def prepare_data(config: ml_collections.ConfigDict) -> str:
                                  seed=config.train.seed, synthetic_count=d.synthetic_count)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> State:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+def check_classes(report: dict, source: str) -> None:
+    """Both classes in the train and validation splits: without them nothing can be learnt, or
+    ranked, and the run would fail only at its first evaluation."""
+    for split, fix in (("train", "add images of both classes to the source"),
+                       ("validation", "raise --config.data.validation_fraction, or add images")):
+        counts = report["splits"][split]
+        if missing := [c for c in CLASSES if not counts.get(c)]:
+            raise cli.UserError(f"data.source={source!r}: the prepared {split} split "
+                                f"({report['path']}) has no {' or '.join(missing)} images "
+                                f"({counts}); {fix}")
 
-    Returns the final train state (of the last step, not the best checkpoint).
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> State:
+    """Trains `config` in `workdir`, resuming from its newest intact checkpoint if there is one.
+
+    Before any work the config is checked (`config_check`) and the workdir claimed for this
+    run (`workdirs`). Returns the final train state (of the last step, not the best checkpoint).
     """
-    lesions = config.train.lesion_weight > 0
-    if lesions and config.data.source != "synthetic":
-        raise ValueError(f"train.lesion_weight > 0 needs lesion masks, which only the synthetic "
-                         f"source has, not {config.data.source!r}")
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    config_check.validate(config, devices=jax.device_count(), processes=jax.process_count())
+    with workdirs.claim(workdir, config) as workdir, contextlib.ExitStack() as cleanup:
+        _say(f"workdir: {workdir}")
+        return _train(config, workdir, cleanup)
+
+
+def _train(c: ml_collections.ConfigDict, workdir: pathlib.Path,
+           cleanup: contextlib.ExitStack) -> State:
+    """The run; what it opens is closed by `cleanup`, so Ctrl-C lets a checkpoint being
+    written finish."""
     (workdir / "plots").mkdir(exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1) + "\n")
-    c = config
     mesh = sharding.make_mesh(c.train.num_devices)
-    sharding.check_batch_size(c.train.batch_size, mesh)
-    sharding.check_batch_size(c.train.eval_batch_size, mesh)
+    lesions = c.train.lesion_weight > 0
 
     # Data: prepared once (by process 0 in a multi-host run), then read by every process.
     name = builder.config_name(c.data.source, c.data.image_size)
@@ -320,33 +307,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("data prepared")
     report = builder.load_report(c.data.data_dir, name)
+    check_classes(report, c.data.source)
     train_src = pdata.data_source(name, "train", data_dir=c.data.data_dir)
     val_src = pdata.data_source(name, "validation", data_dir=c.data.data_dir)
     steps_per_epoch = len(train_src) // c.train.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch size {c.train.batch_size} exceeds the {len(train_src)} "
-                         "training examples")
+        raise cli.UserError(f"config field train.batch_size={c.train.batch_size}: exceeds the "
+                            f"{len(train_src)} training examples of {name}; set "
+                            "--config.train.batch_size")
     total_steps = max(1, math.ceil(c.train.epochs * steps_per_epoch))
     eval_every = c.train.eval_every or steps_per_epoch
 
     # Model, optimizer and checkpoints; what trains depends on the epoch (train.freeze).
-    _, graphdef_eval, state = build(c)
+    _, graphdef_eval, fresh = build(c)
     tx, schedule = make_optimizer(c, steps_per_epoch, total_steps)
     weights = class_weights(report["splits"]["train"], c.train.class_weights)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
-    latest = ckpt.latest_step()
-    frozen = (frozenset(ckpt.meta(latest).get("frozen", ())) if latest is not None
-              else transfer.frozen_groups(c, 0.0))
+    cleanup.callback(ckpt.close)  # waits for a checkpoint being written
     repl = sharding.replicated(mesh)
     init_opt = lambda params, frozen: jax.device_put(
         tx.init(transfer.split(params, frozen)[0]), repl)
-    state = jax.device_put(dict(state, step=jnp.int32(0)), repl)
-    state["opt_state"] = init_opt(state["params"], frozen)
+    fresh = jax.device_put(dict(fresh, step=jnp.int32(0)), repl)
+    with_opt = lambda frozen: dict(fresh, opt_state=init_opt(fresh["params"], frozen))
     eval_step = jit_eval_step(graphdef_eval, c, mesh)
     batch_sh = sharding.batch_sharded(mesh)
     train_iter = None if c.data.device_resident else iter(pdata.train_dataset(
         train_src, batch_size=c.train.batch_size, seed=c.train.seed,
         num_workers=c.data.num_workers, lesion_mask=lesions))
+    if train_iter is not None:
+        cleanup.callback(train_iter.close)
     resident = (pdata.to_device(train_src, repl, lesion_mask=lesions) if c.data.device_resident
                 else None)
     fields = ("image", "label", "lesion_mask") if lesions else ("image", "label")
@@ -382,15 +371,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             _say(f"step {step}: frozen groups now {', '.join(sorted(new)) or 'none'}")
         return state, new, compile_step(new)
 
-    # Resume: the latest checkpoint in the workdir, else from scratch (or ImageNet).
+    # Resume: the newest intact checkpoint in the workdir, else from scratch (or ImageNet).
     log = _Log(workdir / "metrics.jsonl")
-    stopper = {"best_auc": -1.0, "best_step": 0, "evals_since_best": 0}
-    if latest is not None:
-        state, meta = ckpt.restore(latest, state, data_iterator=train_iter)
-        stopper = meta["early_stopping"]
-        log.truncate_after(latest)
-        _say(f"resumed from the checkpoint at step {latest} in {ckpt.directory}")
-    start = int(state["step"])
+    resumed = ckpt.restore_latest(lambda meta: with_opt(frozenset(meta.get("frozen", ()))),
+                                  data_iterator=train_iter)
+    if resumed is None:
+        frozen = transfer.frozen_groups(c, 0.0)
+        state, start = with_opt(frozen), 0
+        stopper = {"best_auc": -1.0, "best_step": 0, "evals_since_best": 0}
+    else:
+        start, state, meta, unreadable = resumed
+        frozen, stopper = frozenset(meta.get("frozen", ())), meta["early_stopping"]
+        _say((f"unreadable checkpoints set aside: {'; '.join(unreadable)}; " if unreadable
+              else "") + f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+    log.truncate_after(start)  # a killed run's records after its last checkpoint are redone
     if start >= total_steps or stopper["evals_since_best"] > c.train.patience:
         _say(f"nothing to train: the run in {workdir} already finished; rewriting its summary")
     else:
@@ -398,62 +392,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                       schedule, ckpt, log, stopper, train_iter, frozen, rephase)
     ckpt.wait()
     _finish(c, workdir, ckpt, state, graphdef_eval, eval_step, mesh, val_src, log, report)
-    ckpt.close()
-    if train_iter is not None:
-        train_iter.close()
     return state
 
 
 def _loop(state, start, total_steps, eval_every, c, mesh, val_src, eval_step, schedule, ckpt,
           log, stopper, train_iter, frozen, rephase) -> State:
-    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step",
-               disable=jax.process_index() != 0)
-    next_step = None
-    pending, tick = [], time.perf_counter()
-    for step in range(start, total_steps):
-        state, frozen, next_step = rephase(state, step, frozen, next_step)
-        state, m = next_step(state)
-        pending.append(m)
-        done = step + 1
-        is_eval = done % eval_every == 0 or done == total_steps
-        if done % c.train.log_every == 0 or is_eval:
-            values = jax.device_get(pending)
-            losses = np.array([v["loss"] for v in values])
-            if not np.isfinite(losses).all():
-                bad = done - len(values) + 1 + int(np.argmin(np.isfinite(losses)))
-                raise FloatingPointError(
-                    f"non-finite training loss at step {bad}; stopping. The last good "
-                    f"checkpoint (step {ckpt.latest_step()}) is intact in {ckpt.directory}")
-            now = time.perf_counter()
-            rate = len(values) * c.train.batch_size / (now - tick)
-            means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-            record = dict(step=done, split="train", **means,  # loss, grad_norm, lesion_loss
-                          learning_rate=float(schedule(done)), images_per_s=rate)
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
-            pending, tick = [], now
-        bar.update(1)
-        if is_eval:
-            labels, probs, _ = predict(eval_step, state, val_src, mesh, c.train.eval_batch_size)
-            val = metrics.classification_metrics(
-                labels, probs, metrics.choose_threshold(labels, probs, c.train.threshold))
-            log.write(dict(step=done, split="validation", **val))
-            if val["roc_auc"] > stopper["best_auc"]:
-                stopper.update(best_auc=val["roc_auc"], best_step=done, evals_since_best=0)
-            else:
-                stopper["evals_since_best"] += 1
-            meta = dict(step=done, validation=val, threshold=val["threshold"],
-                        early_stopping=stopper, frozen=sorted(frozen))
-            ckpt.save(done, state, meta, metrics={checkpoint.BEST_METRIC: val["roc_auc"]},
-                      data_iterator=train_iter)
-            bar.write(f"step {done}: validation roc_auc {val['roc_auc']:.4f} "
-                      f"accuracy {val['accuracy']:.4f} (threshold {val['threshold']:.3f})")
-            if stopper["evals_since_best"] > c.train.patience:
-                bar.write(f"early stop: no better validation ROC-AUC for "
-                          f"{c.train.patience} evaluations")
-                break
-            tick = time.perf_counter()
-    bar.close()
+    # closed on the way out, even by Ctrl-C, so that the bar does not print after the line
+    # that says how to resume
+    with tqdm(total=total_steps, initial=start, desc="train", unit="step",
+              disable=jax.process_index() != 0) as bar:
+        next_step = None
+        pending, tick = [], time.perf_counter()
+        for step in range(start, total_steps):
+            state, frozen, next_step = rephase(state, step, frozen, next_step)
+            state, m = next_step(state)
+            pending.append(m)
+            done = step + 1
+            is_eval = done % eval_every == 0 or done == total_steps
+            if done % c.train.log_every == 0 or is_eval:
+                values = jax.device_get(pending)
+                losses = np.array([v["loss"] for v in values])
+                if not np.isfinite(losses).all():
+                    bad = done - len(values) + 1 + int(np.argmin(np.isfinite(losses)))
+                    raise FloatingPointError(
+                        f"non-finite training loss at step {bad}; stopping. The last good "
+                        f"checkpoint (step {ckpt.latest_step()}) is intact in {ckpt.directory}")
+                now = time.perf_counter()
+                rate = len(values) * c.train.batch_size / (now - tick)
+                means = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+                record = dict(step=done, split="train", **means,  # loss, grad_norm, lesion_loss
+                              learning_rate=float(schedule(done)), images_per_s=rate)
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
+                pending, tick = [], now
+            bar.update(1)
+            if is_eval:
+                labels, probs, _ = predict(eval_step, state, val_src, mesh, c.train.eval_batch_size)
+                val = metrics.classification_metrics(
+                    labels, probs, metrics.choose_threshold(labels, probs, c.train.threshold))
+                log.write(dict(step=done, split="validation", **val))
+                if val["roc_auc"] > stopper["best_auc"]:
+                    stopper.update(best_auc=val["roc_auc"], best_step=done, evals_since_best=0)
+                else:
+                    stopper["evals_since_best"] += 1
+                meta = dict(step=done, validation=val, threshold=val["threshold"],
+                            early_stopping=stopper, frozen=sorted(frozen))
+                ckpt.save(done, state, meta, metrics={checkpoint.BEST_METRIC: val["roc_auc"]},
+                          data_iterator=train_iter)
+                bar.write(f"step {done}: validation roc_auc {val['roc_auc']:.4f} "
+                          f"accuracy {val['accuracy']:.4f} (threshold {val['threshold']:.3f})")
+                if stopper["evals_since_best"] > c.train.patience:
+                    bar.write(f"early stop: no better validation ROC-AUC for "
+                              f"{c.train.patience} evaluations")
+                    break
+                tick = time.perf_counter()
     return state
 
 

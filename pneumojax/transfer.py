@@ -22,6 +22,7 @@ RESNET_GROUPS = {"conv1": "stem", "bn1": "stem", "layer1": "stage1", "layer2": "
                  "layer3": "stage3", "layer4": "stage4", "head": "head"}
 PROGRESSIVE_ORDER = ("stage4", "stage3", "stage2", "stage1", "stem")  # top down
 FREEZE_MODES = ("none", "backbone", "progressive")
+GROUPS = (*dict.fromkeys(RESNET_GROUPS.values()), "backbone")  # what train.lr_multipliers names
 
 
 def group(path: tuple) -> str:
@@ -72,14 +73,13 @@ def optimizer(base: optax.GradientTransformation, config: ml_collections.ConfigD
 
     The scales are stateless, so they add no optimizer state.
     """
-    groups = (*dict.fromkeys(RESNET_GROUPS.values()), "backbone")
     multipliers = dict(config.train.lr_multipliers)
-    if unknown := set(multipliers) - set(groups):
+    if unknown := set(multipliers) - set(GROUPS):
         raise ValueError(f"train.lr_multipliers has unknown groups {sorted(unknown)}; "
-                         f"groups are {', '.join(groups)}")
+                         f"groups are {', '.join(GROUPS)}")
     labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: group(p), params)
     return optax.chain(base, optax.multi_transform(
-        {g: optax.scale(float(multipliers.get(g, 1.0))) for g in groups}, labels))
+        {g: optax.scale(float(multipliers.get(g, 1.0))) for g in GROUPS}, labels))
 
 
 def graft(new: Any, old: Any) -> Any:

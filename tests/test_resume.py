@@ -1,7 +1,9 @@
-"""Killed runs: SIGKILL mid-training and mid-checkpoint, then the same command again."""
+"""Stopped runs: SIGKILL mid-training and mid-checkpoint, Ctrl-C, a damaged checkpoint; then the
+same command again."""
 
 import json
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,7 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import SYNTHETIC_COUNT, SYNTHETIC_SIZE
+from pneumojax import train
+from tests.conftest import SYNTHETIC_COUNT, SYNTHETIC_SIZE, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPOCHS = 12
@@ -54,14 +57,21 @@ def assert_identical(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit for bit
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240,
+              sig: signal.Signals = signal.SIGKILL) -> None:
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline, "timed out waiting for the moment to kill"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+
+
+def past_step(workdir: pathlib.Path, step: int):
+    ckpts = workdir / "checkpoints"
+    return lambda: ckpts.is_dir() and any(
+        p.name.isdigit() and int(p.name) >= step for p in ckpts.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +87,7 @@ def test_sigkill_mid_training_then_the_same_command_resumes_bit_identically(
         synthetic, reference, tmp_path):
     proc = subprocess.Popen(cli(tmp_path, synthetic[0]), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "checkpoints"
-    kill_when(proc, lambda: ckpts.is_dir() and any(
-        p.name.isdigit() and int(p.name) >= 9 for p in ckpts.iterdir()))
+    kill_when(proc, past_step(tmp_path, 9))
     killed_at, _ = final_state(tmp_path)
     ref_step, ref_state = final_state(reference)
     assert killed_at < ref_step  # really mid-training
@@ -108,3 +116,52 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
     ref_step, ref_state = final_state(reference)
     assert step == ref_step
     assert_identical(state, ref_state)
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_the_same_command_resumes_bit_identically(
+        synthetic, reference, tmp_path):
+    workdir, command = tmp_path / "run", cli(tmp_path / "run", synthetic[0])
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        kill_when(proc, past_step(workdir, 9), sig=signal.SIGINT)
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1] == (
+        "interrupted; to resume from the last checkpoint, run the same command: python -m "
+        f"pneumojax.main {shlex.join(command[3:])}")
+    stopped_at, _ = final_state(workdir)
+    ref_step, ref_state = final_state(reference)
+    assert stopped_at < ref_step
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    step, state = final_state(workdir)
+    assert step == ref_step
+    assert_identical(state, ref_state)
+    assert losses(workdir) == losses(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes(
+        synthetic, tmp_path, damage, capsys):
+    config = tiny_config(synthetic[0], epochs=1.0)  # 5 steps, checkpoints at 3 and 5
+    train.train_and_evaluate(config, tmp_path)
+    last, intact = final_state(tmp_path)
+    state = tmp_path / "checkpoints" / str(last) / "state"
+    if damage == "truncated":
+        manifest = state / "manifest.ocdbt"
+        manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    else:
+        for file in (state / "d").iterdir():
+            file.unlink()
+    capsys.readouterr()
+    train.train_and_evaluate(config, tmp_path)
+    said = [line for line in capsys.readouterr().out.splitlines() if "resumed" in line]
+    assert len(said) == 1 and said[0].startswith(
+        f"unreadable checkpoints set aside: step {last} (now {last}.unreadable: ")
+    assert said[0].endswith(f"resumed from the checkpoint at step 3 in {tmp_path}/checkpoints")
+    assert (tmp_path / "checkpoints" / f"{last}.unreadable" / "state").is_dir()  # kept
+    step, state = final_state(tmp_path)
+    assert step == last
+    assert_identical(state, intact)  # steps 4 and 5 redone, bit for bit
