@@ -429,22 +429,6 @@ def _keep_checkpoint(info: tarfile.TarInfo, best: str | None) -> tarfile.TarInfo
     return info
 
 
-def phantom_folder(root: pathlib.Path, train: int = 48, val: int = 8, size: int = 48) -> None:
-    """A Kaggle-layout folder of synthetic JPEGs with Kermany-style names, for the dry run."""
-    from PIL import Image
-
-    from pneumojax.data import sources, synthetic
-
-    for split, count, seed in (("train", train, 0), ("val", val, 1)):
-        for i, ex in enumerate(synthetic.examples(count, size, seed)):
-            cls = sources.CLASSES[ex["label"]]
-            patient = int(ex["patient_id"].rsplit("-", 1)[1]) + 1000 * seed
-            name = (f"person{patient}_bacteria_{i}.jpeg" if ex["label"] else
-                    f"IM-{patient:04d}-{i:04d}.jpeg")
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(ex["image"][..., 0]).save(root / split / cls / name, quality=95)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -490,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     for d in (p.logs, p.runs, p.results, state):
         d.mkdir(parents=True, exist_ok=True)
     if args.dry_run and not (p.data / "train").exists():
-        phantom_folder(p.data)
+        from pneumojax.data import synthetic
+
+        synthetic.write_folder(p.data, {"train": 48, "val": 8})
     done_file = state / "done.json"
     commit = common.commit()
     done = json.loads(done_file.read_text()) if done_file.exists() else {}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import pathlib
 import sys
 
@@ -40,7 +39,7 @@ from scipy import ndimage
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from configs import deep_cnn
 from experiments import common
-from pneumojax import data, gradcam, models, train
+from pneumojax import data, gradcam, models, train, workdirs
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "localisation.json"
 KEY = ("widths", "hidden", "pool_r", "head", "lesion_weight", "count", "epochs", "image_size",
@@ -69,15 +68,7 @@ def trained_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     """Trains `config` in `workdir` (resuming, or reusing a finished run), then returns its
     best checkpoint, its default Grad-CAM stage, and the held-out phantoms (validation and
     test images, labels, masks). A workdir that holds another run is an error, not reused."""
-    if (pathlib.Path(workdir) / "config.json").exists():
-        saved = train.load_config(workdir)
-        fields = lambda c: json.loads(json.dumps([c.model.kwargs.to_dict(), c.data.image_size,
-                                                  c.data.synthetic_count, c.train.epochs,
-                                                  c.train.seed, c.train.lesion_weight]))
-        if fields(saved) != fields(config):
-            raise ValueError(f"{workdir}: holds a run of {fields(saved)}, not {fields(config)} "
-                             "(model kwargs, image size, phantoms, epochs, seed, lesion weight); "
-                             "use another workdir")
+    workdirs.check_config(workdir, config, fix="use another workdir")
     if not (pathlib.Path(workdir) / "summary.json").exists():
         train.train_and_evaluate(config, workdir)
     config, graphdef, state, meta, _ = train.restore(workdir)

@@ -46,7 +46,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from pneumojax import evaluate, train, weights
+from pneumojax import evaluate, train, weights, workdirs
 from pneumojax.data import builder
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/, experiments/
@@ -184,12 +184,10 @@ def plan(args: argparse.Namespace) -> list[Plan]:
             if target in (None, row.name):
                 apply_override(config, field, value)
         workdir = pathlib.Path(args.workdir_root) / (row.name + ("_cpu" if args.cpu else ""))
-        saved = workdir / "config.json"
-        if (not args.retrain and saved.exists()
-                and json.loads(saved.read_text()) != json.loads(config.to_json_best_effort())):
-            raise ValueError(f"{workdir} holds a run of another config than {spec} "
-                             f"{' '.join(used)}; pass --retrain to replace it, or choose "
-                             "another --workdir-root")
+        if not args.retrain:
+            workdirs.check_config(workdir, config, fix=f"the config is {spec} {' '.join(used)};"
+                                  " pass --retrain to replace it, or choose another "
+                                  "--workdir-root")
         plans.append(Plan(row, spec, used, config, workdir, skip_reasons(row, config, args.cpu)))
     return plans
 

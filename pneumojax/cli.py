@@ -64,7 +64,13 @@ def run(main: Callable[[list[str]], int], argv: Sequence[str] | None = None,
         print(f"\n{interrupted}", file=sys.stderr)
         return 130
     except expected_errors() as e:
-        if debug:
-            raise
-        print(f"error: {one_line(e)} (--debug shows the traceback)", file=sys.stderr)
-        return 2
+        return report(e, debug)
+
+
+def report(error: BaseException, debug: bool) -> int:
+    """What `run` does with an expected error, for a caller outside it (absl's flag parsing):
+    under `--debug` raises it, else prints its one line and returns 2."""
+    if debug:
+        raise error
+    print(f"error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+    return 2

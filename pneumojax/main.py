@@ -37,9 +37,9 @@ def default_workdir(config_arg: str) -> pathlib.Path:
 
 def _refuse(problem: str, debug: bool, cause: BaseException | None = None) -> NoReturn:
     """Exits as `cli.run` does on a `UserError`: one line and status 2, or the traceback."""
-    def fail(_: list[str]) -> int:
-        raise cli.UserError(problem) from cause
-    sys.exit(cli.run(fail, [cli.DEBUG_FLAG] if debug else []))
+    error = cli.UserError(problem)
+    error.__cause__ = cause
+    sys.exit(cli.report(error, debug))
 
 
 def _config_argument(argv: list[str]) -> str | None:

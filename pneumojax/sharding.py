@@ -45,12 +45,6 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    if batch_size % mesh.size:
-        raise ValueError(f"the global batch size {batch_size} must be divisible by the "
-                         f"{mesh.size} devices of the mesh")
-
-
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """This process's numpy batch -> one global jax.Array per key, sharded over `data`."""
     sharding = batch_sharded(mesh)

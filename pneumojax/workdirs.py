@@ -119,7 +119,7 @@ def _claim(path: pathlib.Path, config: ml_collections.ConfigDict) -> IO[str]:
     _check_folder(path)
     lock = _lock(path)
     try:
-        _check_config(path, config)
+        check_config(path, config)
         lock.truncate(0)
         lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         lock.flush()
@@ -161,8 +161,12 @@ def _holds_checkpoints(path: pathlib.Path) -> bool:
     return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
-def _check_config(path: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """A workdir without checkpoints holds nothing to resume, so any config may claim it."""
+def check_config(path: str | os.PathLike, config: ml_collections.ConfigDict,
+                 fix: str = "resume it with its own config, or choose another --workdir"
+                 ) -> None:
+    """Refuses a workdir whose checkpoints come from another config, naming the fields that
+    differ and `fix`. One without checkpoints holds nothing to resume: any config may claim it."""
+    path = pathlib.Path(path)
     if not (path / CONFIG_FILE).exists() or not _holds_checkpoints(path):
         return
     try:
@@ -174,8 +178,7 @@ def _check_config(path: pathlib.Path, config: ml_collections.ConfigDict) -> None
     refused = {k: v for k, v in changed.items() if k not in MAY_CHANGE}
     if refused:
         listed = ", ".join(f"{k} is {a!r} there, {b!r} here" for k, (a, b) in refused.items())
-        raise cli.UserError(f"--workdir {path} holds a run of another config ({listed}); "
-                            "resume it with its own config, or choose another --workdir")
+        raise cli.UserError(f"--workdir {path} holds a run of another config ({listed}); {fix}")
     if changed:
         listed = ", ".join(f"{k}={b!r} (was {a!r})" for k, (a, b) in changed.items())
         print(f"resuming with {listed}", flush=True)

@@ -264,8 +264,9 @@ def lesion_trained_scores(tmp_path_factory) -> dict[str, dict[str, float]]:
 def test_localisation_refuses_a_workdir_of_another_run(tmp_path):
     (tmp_path / "config.json").write_text(
         localisation.phantom_config(tmp_path / "data").to_json_best_effort())
-    with pytest.raises(ValueError,
-                       match=r"holds a run of .* 10\.0, 0, 0\.0\], not .* 12\.0, 0, 0\.0\]"):
+    (tmp_path / "checkpoints" / "30").mkdir(parents=True)  # a run to resume, not an empty claim
+    with pytest.raises(ValueError, match=r"holds a run of another config \(train\.epochs is "
+                                         r"10\.0 there, 12\.0 here\); use another workdir"):
         localisation.trained_model(localisation.phantom_config(tmp_path / "data", epochs=12),
                                    tmp_path)
 

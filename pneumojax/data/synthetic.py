@@ -10,6 +10,7 @@ products, and each organ is drawn only inside its bounding box.
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -254,3 +255,22 @@ def examples(count: int, size: int, seed: int, *, pneumonia_fraction: float = 0.
             yield {"image": image, "mask": mask, "label": label, "patient_id": patient_id,
                    "file_name": f"{patient_id}-{j}.png"}
         done, patient = done + n_images, patient + 1
+
+
+def write_folder(root: pathlib.Path, counts: dict[str, int], size: int = 48) -> None:
+    """Phantoms as JPEG files in the Kaggle layout (`root/SPLIT/{NORMAL,PNEUMONIA}/`), named
+    as Kermany's files are (`personN_bacteria_M.jpeg`, `IM-NNNN-MMMM.jpeg`), so that a folder
+    source, its patient parsing included, can be exercised without the real data. Each split
+    draws from its own seed, so no patient is in two splits."""
+    from PIL import Image
+
+    from pneumojax.data import sources  # it imports this module
+
+    for seed, (split, count) in enumerate(counts.items()):
+        for i, ex in enumerate(examples(count, size, seed)):
+            patient = int(ex["patient_id"].rsplit("-", 1)[1]) + 1000 * seed
+            name = (f"person{patient}_bacteria_{i}.jpeg" if ex["label"] else
+                    f"IM-{patient:04d}-{i:04d}.jpeg")
+            folder = pathlib.Path(root) / split / sources.CLASSES[ex["label"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ex["image"][..., 0]).save(folder / name, quality=95)
