@@ -105,12 +105,14 @@ def test_every_readme_command_has_a_rule():
 
 @pytest.fixture(scope="module")
 def place(tmp_path_factory) -> pathlib.Path:
-    """A folder standing in for the user's: PATH/chest_xray (phantoms with Kermany-style names:
+    """A folder standing in for the repository root the README's commands run from (its
+    configs/ linked): PATH/chest_xray (phantoms with Kermany-style names:
     train, val and test), a JPEG, a folder of scans and a DICOM study."""
     from pneumojax.data import synthetic
     from tests.test_images import _dicom
 
     tmp = tmp_path_factory.mktemp("readme")
+    (tmp / "configs").symlink_to(ROOT / "configs")
     synthetic.write_folder(tmp / "PATH" / "chest_xray", {"train": 40, "val": 4, "test": 4})
     some = sorted((tmp / "PATH" / "chest_xray" / "test").rglob("*.jpeg"))
     shutil.copy(some[0], tmp / "xray.jpeg")
@@ -124,20 +126,15 @@ def place(tmp_path_factory) -> pathlib.Path:
 
 def run(command: str, place: pathlib.Path) -> subprocess.CompletedProcess:
     rule = rule_for(command)
-    args = shlex.split(command.replace("PATH/", f"{place}/PATH/")
-                       .replace("workdirs/", f"{place}/workdirs/")
-                       .replace("--workdir DIR", f"--workdir {place}/workdirs/deep_cnn_cpu"))
-    args = [str(place / a) if a in USER_FILES else a for a in args]
+    args = shlex.split(command.replace("--workdir DIR", "--workdir workdirs/deep_cnn_cpu"))
     args += [a.format(tmp=place) for a in rule.extra]
     env = dict(os.environ, PNEUMOJAX_CACHE=str(place / "cache"),
                TFDS_DATA_DIR=str(place / "tfds"))
-    # From the repository root, as the README says, with the package importable from there.
-    return subprocess.run([sys.executable, *args[1:]], cwd=ROOT, env=dict(
+    # From a stand-in for the repository root (its configs/ linked), so that what a command
+    # writes beside itself (workdirs/, predictions/) lands there, not in the checkout.
+    return subprocess.run([sys.executable, *args[1:]], cwd=place, env=dict(
         env, PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])),
         capture_output=True, text=True, timeout=900)
-
-
-USER_FILES = {"xray.jpeg", "scans/", "study.dcm", "heatmaps/", "v.json"}  # the README's examples
 
 
 ORDER: list[Callable[[str], bool]] = [  # prepare first, training before what reads its workdir
