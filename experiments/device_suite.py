@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                JAX_COMPILATION_CACHE_DIR=str(state / "jax_cache"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                         os.environ.get("PYTHONPATH")])))
-    os.environ.update({k: env[k] for k in ("XLA_PYTHON_CLIENT_PREALLOCATE",)})
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process's own JAX too
 
     missing, found = preflight(p, args.dry_run)
     if missing:
