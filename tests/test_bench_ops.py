@@ -26,6 +26,7 @@ def test_layers_are_the_deep_cnns_convolutions_and_batch_norms():
     assert all(c_in == c_out for op, _, c_in, c_out in layers if "bn" in op)
 
 
+@pytest.mark.slow
 def test_a_tiny_run_records_every_op_for_both_frameworks(tmp_path):
     out = tmp_path / "ops.json"
     bench_ops.main(["--image-size", "16", "--batch", "2", "--repeats", "1", "--out", str(out)])

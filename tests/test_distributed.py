@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.test_resume import ROOT, losses
 
@@ -34,6 +35,7 @@ def run(tmp_path: pathlib.Path, name: str, data_dir, *extra, procs: int = 1) -> 
     return workdir
 
 
+@pytest.mark.slow
 def test_four_devices_and_two_hosts_follow_the_one_device_loss(synthetic, tmp_path):
     one = losses(run(tmp_path, "one", synthetic[0]))
     four = losses(run(tmp_path, "four", synthetic[0], "--devices", "4"))

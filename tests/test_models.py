@@ -253,7 +253,7 @@ def test_global_pool_runs_from_the_mean_to_the_max_and_weights_positions_by_soft
 @pytest.mark.parametrize("name,kwargs", [
     ("shallow_cnn", dict(width=4)),
     ("deep_cnn", dict(widths=(4, 4, 4, 4), hidden=8)),
-    ("resnet50", dict(width=4, stage_sizes=(1, 1, 1, 1))),
+    pytest.param("resnet50", dict(width=4, stage_sizes=(1, 1, 1, 1)), marks=pytest.mark.slow),
 ])
 def test_pool_r_sets_every_models_global_pooling(name, kwargs):
     # 64 px: ResNet's last stage is 2x2 there (1x1 at 32 px, where every pooling agrees).

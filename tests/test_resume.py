@@ -82,6 +82,7 @@ def reference(synthetic, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_sigkill_mid_training_then_the_same_command_resumes_bit_identically(
         synthetic, reference, tmp_path):
@@ -100,6 +101,7 @@ def test_sigkill_mid_training_then_the_same_command_resumes_bit_identically(
     assert losses(tmp_path) == losses(reference)  # the log continues without gaps or repeats
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
         synthetic, reference, tmp_path):
     proc = subprocess.Popen(worker(tmp_path, synthetic[0], "--stall-on-save", "3"), cwd=ROOT,

@@ -41,6 +41,7 @@ def test_lesion_loss_fits_cell_scores_to_the_share_of_each_cell_in_the_masks():
         train.lesion_loss({"lesion_logits": jnp.zeros((1, 3, 3))}, masks)
 
 
+@pytest.mark.slow
 def test_lesion_supervision_trains_the_cells_on_the_masks(synthetic, tmp_path):
     """The same run with and without the masks: only the first fits its cells to them."""
     source = data.data_source(synthetic[1], "validation", data_dir=synthetic[0],

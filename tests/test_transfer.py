@@ -64,6 +64,7 @@ def test_frozen_groups_per_mode_and_epoch():
         transfer.frozen_groups(config(freeze="sometimes"), 0)
 
 
+@pytest.mark.slow
 def test_a_frozen_backbone_is_untouched_costs_no_backward_pass_and_no_optimizer_state(built):
     c, state = built
     backbone = transfer.frozen_groups(config(freeze="backbone"), 0)
@@ -87,6 +88,7 @@ def test_progressive_stage_trains_only_what_is_thawed(built):
     assert groups_changed(state["params"], new["params"]) == {"stage4", "head"}
 
 
+@pytest.mark.slow
 def test_discriminative_learning_rates_scale_each_group(built):
     c, state = built
     multipliers = dict(stem=0.0, stage1=0.0, stage2=1.0, stage3=1.0, stage4=1.0, head=1.0)
