@@ -2,7 +2,7 @@ r"""Deep CNN: 4 conv blocks with batch norm, a dense head with dropout.
 
     python -m pneumojax.main --config configs/deep_cnn.py
     python -m pneumojax.main --config configs/deep_cnn.py:cpu \
-        --config.data.source=folder:../shared/data/chest_xray --workdir workdirs/deep_cnn_cpu
+        --config.data.source=folder:PATH/chest_xray --workdir workdirs/deep_cnn_cpu
 
 `:cpu` is sized to train on real X-rays on a 2-core CPU within 30 minutes.
 """

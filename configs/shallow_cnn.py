@@ -2,7 +2,7 @@ r"""Shallow CNN: three conv layers, a baseline that trains in minutes on a CPU.
 
     python -m pneumojax.main --config configs/shallow_cnn.py
     python -m pneumojax.main --config configs/shallow_cnn.py:cpu \
-        --config.data.source=folder:../shared/data/chest_xray --workdir workdirs/shallow_cnn_cpu
+        --config.data.source=folder:PATH/chest_xray --workdir workdirs/shallow_cnn_cpu
 """
 
 from configs import common

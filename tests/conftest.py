@@ -3,6 +3,7 @@
 import http.server
 import os
 import pathlib
+import signal
 import struct
 import threading
 import zlib
@@ -132,3 +133,15 @@ def trained(synthetic, tmp_path_factory) -> pathlib.Path:
     c.model.kwargs = {"widths": (4, 4, 8, 8), "hidden": 8}
     train.train_and_evaluate(c, workdir)
     return workdir
+
+
+@pytest.fixture
+def no_hang():
+    """Fails a test that blocks (as opening a FIFO for reading does) instead of hanging CI."""
+    def timeout(signum, frame):
+        raise TimeoutError("blocked for 120 s: was a FIFO opened?")
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

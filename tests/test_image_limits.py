@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pathlib
-import signal
 import struct
 import subprocess
 import sys
@@ -198,18 +197,6 @@ def test_a_file_over_the_byte_limit_is_not_read(tmp_path):
         f.truncate(images.MAX_BYTES + 1)  # sparse: no disk, no memory
     with pytest.raises(images.ImageError, match="too large: .* bytes exceeds the limit"):
         images.read_grayscale(path)
-
-
-@pytest.fixture
-def no_hang():
-    """Fails the test instead of hanging it if a read blocks (a FIFO opened for reading)."""
-    def fail(*_):
-        raise TimeoutError("blocked reading")
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def test_special_files_are_rejected_not_read(tmp_path, no_hang):

@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import re
-import signal
 
 import numpy as np
 import pytest
@@ -45,18 +44,6 @@ def test_each_file_gets_a_line_and_an_overlay_and_a_bad_one_fails_alone(trained,
 
 def pathlib_name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
-
-
-@pytest.fixture
-def no_hang():
-    """Fails a test that blocks (as opening a FIFO for reading does) instead of hanging CI."""
-    def timeout(signum, frame):
-        raise TimeoutError("blocked for 120 s: was a FIFO opened?")
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def _error_line(capsys) -> str:

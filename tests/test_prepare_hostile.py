@@ -5,7 +5,6 @@ import fcntl
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
@@ -45,18 +44,6 @@ def _stored(report: dict, tmp_path: pathlib.Path) -> dict[str, dict]:
 
 def _accounted(report: dict) -> bool:
     return report["files_read"] == report["written"] + len(report["rejected"])
-
-
-@pytest.fixture
-def no_hang():
-    """Fails the test instead of hanging it if a read blocks (a FIFO opened for reading)."""
-    def fail(*_):
-        raise TimeoutError("blocked reading")
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def test_the_readme_prepare_works_at_the_default_224_px(tmp_path, capsys):
