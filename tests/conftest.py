@@ -145,3 +145,22 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+
+
+def dicom_dataset(rows: int, cols: int, syntax: str, bits: tuple[int, int] = (8, 8),
+                  photometric: str = "MONOCHROME2"):
+    """A digital X-ray DICOM header of rows x cols, (allocated, stored) bits, pixels unset."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, *bits, bits[1] - 1
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, photometric
+    return ds

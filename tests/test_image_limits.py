@@ -18,11 +18,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
-                         JPEGBaseline8Bit, generate_uid)
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from pneumojax.data import images
+from tests.conftest import dicom_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GB = 1 << 30
@@ -34,19 +33,6 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def _dataset(rows: int, cols: int, syntax: str) -> pydicom.Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 8, 8, 7
-    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME2"
-    return ds
-
-
 def _save(ds: pydicom.Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -55,9 +41,9 @@ def _save(ds: pydicom.Dataset) -> bytes:
 
 def deflated_dicom_bomb(side: int = 20_000) -> bytes:
     """A deflated DICOM of side x side 8-bit zeros, about 400 KB, built without the pixels."""
-    head = _save(_dataset(side, side, DeflatedExplicitVRLittleEndian))
+    head = _save(dicom_dataset(side, side, DeflatedExplicitVRLittleEndian))
     meta_end = 144 + struct.unpack_from("<I", head, 140)[0]  # (0002,0000) group length
-    body = _save(_dataset(side, side, ExplicitVRLittleEndian))
+    body = _save(dicom_dataset(side, side, ExplicitVRLittleEndian))
     body = body[144 + struct.unpack_from("<I", body, 140)[0]:]
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     out = [head[:meta_end], deflate.compress(body)]
@@ -72,7 +58,7 @@ def deflated_dicom_bomb(side: int = 20_000) -> bytes:
 def dicom_at_the_pixel_limit() -> bytes:
     """A 16-bit DICOM of 9,400 x 9,400 px (just under the limit) with rescale and window: the
     most work a DICOM may ask of pydicom's float64 LUTs."""
-    ds = _dataset(9400, 9400, ExplicitVRLittleEndian)
+    ds = dicom_dataset(9400, 9400, ExplicitVRLittleEndian)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
     ds.RescaleSlope, ds.RescaleIntercept = 1.5, -100
     ds.WindowCenter, ds.WindowWidth = 2000, 3000
@@ -149,7 +135,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 def test_a_dicom_header_claiming_a_huge_frame_is_rejected_before_pixel_data_is_read():
-    ds = _dataset(20_000, 20_000, ExplicitVRLittleEndian)
+    ds = dicom_dataset(20_000, 20_000, ExplicitVRLittleEndian)
     ds.PixelData = bytes(4096)  # the header lies; the decoder is never asked
     with pytest.raises(images.ImageError, match="too large: 20000x20000"):
         images.decode_grayscale(_save(ds), "lie.dcm")
@@ -160,7 +146,7 @@ def _jpeg_in_dicom(declared: int, sof: tuple[int, int]) -> bytes:
     jpeg = bytearray(_jpeg(64, 64))
     at = jpeg.index(b"\xff\xc0")
     jpeg[at + 5 : at + 9] = struct.pack(">HH", sof[1], sof[0])  # height, width
-    ds = _dataset(declared, declared, JPEGBaseline8Bit)
+    ds = dicom_dataset(declared, declared, JPEGBaseline8Bit)
     ds.PixelData = pydicom.encaps.encapsulate([bytes(jpeg)])
     ds["PixelData"].VR = "OB"
     return _save(ds)
@@ -181,7 +167,7 @@ def test_a_compressed_dicom_frame_that_tells_the_truth_decodes():
 
 
 def test_a_multi_frame_dicom_uses_its_first_frame_and_says_so():
-    ds = _dataset(40, 40, ExplicitVRLittleEndian)
+    ds = dicom_dataset(40, 40, ExplicitVRLittleEndian)
     ds.NumberOfFrames = 3
     rows = np.repeat(np.arange(40, dtype=np.uint8)[:, None], 40, axis=1)  # a vertical ramp
     ds.PixelData = np.stack([rows, rows.T, rows.T]).tobytes()  # then two horizontal ones

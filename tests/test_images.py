@@ -11,7 +11,7 @@ from PIL import Image, JpegImagePlugin
 
 from pneumojax.data import images
 from pneumojax.data.images import ImageError, decode_grayscale, read_grayscale
-from tests.conftest import png_bomb
+from tests.conftest import dicom_dataset, png_bomb
 
 
 def _xray_like(width: int, height: int) -> np.ndarray:
@@ -208,19 +208,9 @@ def test_resize_matches_decoding_at_size():
 
 
 def _dicom(tmp_path, pixels, photometric, window=None):
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 16, 12, 11
-    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, photometric
+    ds = dicom_dataset(*pixels.shape, ExplicitVRLittleEndian, (16, 12), photometric)
     if window:
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = pixels.astype(np.uint16).tobytes()
