@@ -12,7 +12,9 @@ import contextlib
 import itertools
 import os
 import pathlib
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,6 +66,32 @@ def _quiet_abandoned_reads() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Ctrl-C is held until the block ends, then raised. A KeyboardInterrupt inside orbax's
+    wait for its finalising thread is logged by orbax as a failed save, traceback and all,
+    although the checkpoint it was writing is fine; held, the save completes and the run stops
+    with its one line. A second Ctrl-C raises at once. Outside the main thread (where signal
+    handlers cannot be set) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None
+                      else previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 class Checkpointer:
     """`save`/`restore` of (state pytree, grain iterator, metadata dict) by step."""
 
@@ -89,10 +117,12 @@ class Checkpointer:
                  "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
+        with _interrupt_after():  # it waits for the previous save to finalise
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with _interrupt_after():
+            self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -178,4 +208,5 @@ class Checkpointer:
         return lines
 
     def close(self) -> None:
-        self.manager.close()
+        with _interrupt_after():  # it waits for a save being written
+            self.manager.close()

@@ -2,6 +2,7 @@
 same command again."""
 
 import json
+import os
 import pathlib
 import shlex
 import signal
@@ -13,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from pneumojax import train
+from pneumojax import checkpoint, train
 from tests.conftest import SYNTHETIC_COUNT, SYNTHETIC_SIZE, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -167,3 +168,20 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes(
     step, state = final_state(tmp_path)
     assert step == last
     assert_identical(state, intact)  # steps 4 and 5 redone, bit for bit
+
+
+def test_ctrl_c_while_a_checkpoint_finalises_lets_it_finish_then_stops(tmp_path, monkeypatch):
+    """orbax logs a KeyboardInterrupt inside its wait as a failed save, with a traceback; the
+    Checkpointer holds Ctrl-C until the wait returns, then raises it."""
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    finished = []
+
+    def wait_interrupted() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the signal's handler runs here, in the main thread
+        finished.append(True)
+    monkeypatch.setattr(ckpt.manager, "wait_until_finished", wait_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.wait()
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
