@@ -15,8 +15,7 @@ from jax.typing import DTypeLike
 
 from pneumojax.models.conv import conv_general_dilated
 from pneumojax.models.norm import BatchNorm
-
-Intermediates = dict[str, jax.Array]
+from pneumojax.models.stages import Intermediates, stage
 
 
 class Standardize(nnx.Module):
@@ -142,8 +141,8 @@ class ShallowCNN(nnx.Module):
         out: Intermediates = {}
         x = self.standardize(x)
         for i, conv in enumerate(self.convs):
-            x = out[f"block{i + 1}"] = max_pool2(nnx.relu(conv(x)))
-        x = out["pre_logits"] = global_pool(x, self.pool_r)
+            x = stage(out, f"block{i + 1}", max_pool2(nnx.relu(conv(x))))
+        x = stage(out, "pre_logits", global_pool(x, self.pool_r))
         return self.head(x)[:, 0].astype(jnp.float32), out
 
 
@@ -219,10 +218,10 @@ class DeepCNN(nnx.Module):
         out: Intermediates = {}
         x = self.standardize(x)
         for i, block in enumerate(self.blocks):
-            x = out[f"block{i + 1}"] = block(x)
+            x = stage(out, f"block{i + 1}", block(x))
         if self.head_type == "lesion":
             out["pre_logits"] = global_pool(x, self.pool_r)
-            cells = out["lesion_logits"] = self.lesion(x.astype(jnp.float32))[..., 0]
+            cells = stage(out, "lesion_logits", self.lesion(x.astype(jnp.float32))[..., 0])
             return global_pool(cells[..., None], self.pool_r)[:, 0], out
-        x = out["pre_logits"] = nnx.relu(self.hidden(global_pool(x, self.pool_r)))
+        x = stage(out, "pre_logits", nnx.relu(self.hidden(global_pool(x, self.pool_r))))
         return self.head(self.dropout(x))[:, 0].astype(jnp.float32), out

@@ -35,9 +35,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from pneumojax.models.cnn import Intermediates, Standardize, check_pool_r, global_pool
+from pneumojax.models.cnn import Standardize, check_pool_r, global_pool
 from pneumojax.models.conv import conv_general_dilated
 from pneumojax.models.norm import BatchNorm
+from pneumojax.models.stages import Intermediates, stage
 
 VARIANTS = ("v1.5", "v1")
 EXPANSION = 4
@@ -149,12 +150,13 @@ class ResNet50(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Intermediates]:
         out: Intermediates = {}
         x = nnx.relu(self.bn1(self.conv1(self.standardize(x))))
-        x = out["stem"] = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for s, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
-            for block in stage:
+        x = stage(out, "stem", nnx.max_pool(x, (3, 3), strides=(2, 2),
+                                            padding=((1, 1), (1, 1))))
+        for s, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            for block in layer:
                 x = block(x)
-            out[f"stage{s + 1}"] = x
-        x = out["pre_logits"] = global_pool(x, self.pool_r)
+            x = stage(out, f"stage{s + 1}", x)
+        x = stage(out, "pre_logits", global_pool(x, self.pool_r))
         return self.head(x)[:, 0].astype(jnp.float32), out
 
     @staticmethod
