@@ -31,7 +31,8 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from experiments import common
-from pneumojax import gradcam, train
+from pneumojax import gradcam, xla_cpu
+from pneumojax.training import step as steps
 from pneumojax.data import augment
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_gradcam.json"
@@ -71,7 +72,7 @@ def bench(model: str, *, image_size: int, batch: int, method: str, seconds: floa
           dtype: str = "float32") -> list[dict]:
     config = model_config(model)
     config.model.init, config.data.image_size, config.model.dtype = "scratch", image_size, dtype
-    _, graphdef, state = train.build(config, pretrained=False)
+    graphdef, state = steps.init_model(config, pretrained=False)
     params, rest = state["params"], state["rest"]
     layer = gradcam.default_layer(config.model.name, image_size, **config.model.kwargs)
     images = jnp.asarray(np.random.default_rng(0).integers(
@@ -97,6 +98,7 @@ def bench(model: str, *, image_size: int, batch: int, method: str, seconds: floa
 
 
 def main(argv: list[str] | None = None) -> None:
+    xla_cpu.set_flags()  # before JAX's backend starts
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="deep_cnn,resnet50")

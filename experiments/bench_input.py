@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from pneumojax import data
+from pneumojax import data, xla_cpu
 from pneumojax.data import augment
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
@@ -67,6 +67,7 @@ def bench_device(dd: data.DeviceData, batch: int, seconds: float, with_augment: 
 
 
 def main(argv: list[str] | None = None) -> None:
+    xla_cpu.set_flags()  # before JAX's backend starts
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="synthetic")

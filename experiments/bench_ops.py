@@ -6,15 +6,16 @@
 `bench_train.py` times whole steps; this times each of the deep CNN's convolutions (forward,
 then the gradients of input and kernel, as training needs them) and each batch norm + ReLU
 (forward and backward, training mode), with the same shapes and in float32 on both sides:
-`nnx.Conv` (through the models' `models.conv`) and `models.norm.BatchNorm` jitted against
-`torch.nn.Conv2d` and `BatchNorm2d` (NCHW, eager). The first convolution's input gradient is
+the models' own `xla_cpu.Conv` and `xla_cpu.BatchNorm` (flax's plain layers with
+`PNEUMOJAX_CPU_KERNELS=0`) jitted against `torch.nn.Conv2d` and `BatchNorm2d` (NCHW, eager).
+The layer list is read from the deep CNN itself. The first convolution's input gradient is
 skipped on both sides, as training skips it. Each time is the best of `--repeats` calls after
 a warm-up, the two frameworks taking turns. Results merge into
 experiments/results/bench_ops.json.
 
 Alone, each op's input is a stored array. Inside a step, XLA can fuse the batch norm that
 produced it into the op's first pass, so this cannot see costs that come from composition
-(see `models.conv`).
+(see `pneumojax.xla_cpu`, item 3).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from configs import deep_cnn
 from experiments import common
-from pneumojax.models import conv, norm
+from pneumojax import models, xla_cpu
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_ops.json"
 KEY = ("op", "shape", "framework", "device")
@@ -55,7 +56,7 @@ def _best_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, fl
 
 def _jax_op(module: nnx.Module, x: np.ndarray, dy: np.ndarray, need_dx: bool) -> Callable:
     graphdef, state = nnx.split(module)
-    relu = isinstance(module, norm.BatchNorm)
+    relu = isinstance(module, nnx.BatchNorm)
 
     def forward(state: nnx.State, x: jax.Array) -> jax.Array:
         y = nnx.merge(graphdef, state)(x)
@@ -87,16 +88,21 @@ def _torch_op(module, x: np.ndarray, dy: np.ndarray, need_dx: bool) -> Callable:
 
 
 def layers(image_size: int, widths: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
-    """(op, side, channels in, channels out) of every conv and batch norm, in order."""
-    out, c_in, side = [], 1, image_size
-    for i, c in enumerate(widths, 1):
-        for j, c_from in enumerate((c_in, c), 1):
-            out += [(f"block{i}.conv{j}", side, c_from, c), (f"block{i}.bn{j}+relu", side, c, c)]
-        c_in, side = c, side // 2
+    """(op, side, channels in, channels out) of every conv and batch norm of the deep CNN with
+    these widths, in order, read from the model (each block halves the side)."""
+    model = nnx.eval_shape(lambda: models.create("deep_cnn", widths=widths, rngs=nnx.Rngs(0)))
+    out, side = [], image_size
+    for i, block in enumerate(model.blocks, 1):
+        for j in (1, 2):
+            c_in, c_out = getattr(block, f"conv{j}").kernel.shape[2:]
+            out += [(f"block{i}.conv{j}", side, c_in, c_out),
+                    (f"block{i}.bn{j}+relu", side, c_out, c_out)]
+        side //= 2
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    xla_cpu.set_flags()  # before JAX's backend starts
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__,
@@ -117,12 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         dy = rng.random((args.batch, side, side, c_out), np.float32)
         need_dx = c_in != 1  # the first convolution: no gradient of the input image
         if "conv" in op:
-            jax_module = nnx.Conv(c_in, c_out, (3, 3), padding="SAME", use_bias=False,
-                                  conv_general_dilated=conv.conv_general_dilated,
-                                  rngs=nnx.Rngs(0))
+            jax_module = xla_cpu.Conv(c_in, c_out, (3, 3), padding="SAME", use_bias=False,
+                                      rngs=nnx.Rngs(0))
             torch_module = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         else:
-            jax_module = norm.BatchNorm(c_out, rngs=nnx.Rngs(0))
+            jax_module = xla_cpu.BatchNorm(c_out, rngs=nnx.Rngs(0))
             torch_module = torch.nn.BatchNorm2d(c_out).train()
         ms = _best_ms({"pneumojax": _jax_op(jax_module, x, dy, need_dx),
                        "pytorch": _torch_op(torch_module, x, dy, need_dx)}, args.repeats)

@@ -9,8 +9,8 @@ r"""Training throughput, pneumojax against PyTorch, same architectures, same run
 
 What is measured, per model, in images/s of training (forward, backward, optimizer update):
 
-- pneumojax: the trainer's own step, `train.make_train_step` on `train.train_graphdef`, with
-  `train.make_optimizer` (clip + AdamW) and `train.class_weights`, jitted as
+- pneumojax: the trainer's own step, `pneumojax.training.step.build` (clip + AdamW, class
+  weights), jitted as
   `train_and_evaluate` does it (replicated state donated, batch sharded over the mesh). The
   batch is uint8 (B, H, W, 1) and already on the device: the input pipeline is not measured
   (see bench_input.py). Augmentation is off (`data.augment.enabled=False`, so the step only
@@ -28,12 +28,13 @@ Every step is compiled and warmed up first; then the frameworks alternate in
 `--rounds` rounds of `--seconds / --rounds` each, and the median round is reported, so load
 from other jobs on a shared machine hits both sides alike.
 
-`--batch auto` takes, per model, the largest batch that fits (`largest_batch`: XLA's own
-memory accounting of the compiled step at two small batches, extrapolated to the device's
-limit, then confirmed by running it); PyTorch runs at the same batch, halved only if it runs out
-of memory. On a GPU the two frameworks share the device in one process, so each gets the share
-`XLA_PYTHON_CLIENT_MEM_FRACTION` names (PyTorch through `set_per_process_memory_fraction`);
-the device suite sets 0.45 with `XLA_PYTHON_CLIENT_PREALLOCATE=false`.
+`--batch auto` takes, per model, the largest batch that fits
+(`pneumojax.profiling.largest_batch`: XLA's own memory accounting of the compiled step at two
+small batches, extrapolated to the device's limit, then confirmed by running it); PyTorch runs
+at the same batch, halved only if it runs out of memory. On a GPU the two frameworks share the
+device in one process, so each gets the share `XLA_PYTHON_CLIENT_MEM_FRACTION` names (PyTorch
+through `set_per_process_memory_fraction`); the device suite sets 0.45 with
+`XLA_PYTHON_CLIENT_PREALLOCATE=false`.
 
 Results merge into experiments/results/bench_train.json: a record replaces the one with the
 same (model, framework, image_size, batch, device, dtype, setup, model_kwargs), so CPU and GPU
@@ -55,7 +56,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -63,7 +63,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # configs/ and torch_models.py
 
 from experiments import common
-from pneumojax import sharding, train, transfer
+from pneumojax import profiling, sharding, transfer, xla_cpu
+from pneumojax.training import step as steps
 
 RESULTS = ROOT / "experiments" / "results" / "bench_train.json"
 # The Kaggle chest_xray train split: realistic class weights, not that they change the cost.
@@ -98,16 +99,8 @@ def _pneumojax_jit(c: ml_collections.ConfigDict) -> tuple[Callable, dict, dict]:
     """(jitted step, replicated state, sharded batch): the trainer's step as
     `train_and_evaluate` jits it (replicated state donated, batch sharded over the mesh)."""
     mesh = sharding.make_mesh(c.train.num_devices)
-    repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    _, _, state = train.build(c, pretrained=False)
-    tx, _ = train.make_optimizer(c, steps_per_epoch=100, total_steps=10_000)
-    frozen = transfer.frozen_groups(c, 0.0)
-    step = train.make_train_step(train.train_graphdef(c, frozen), tx, c,
-                                 train.class_weights(COUNTS, c.train.class_weights), frozen)
-    state = jax.device_put(dict(state, step=jnp.int32(0)), repl)
-    state["opt_state"] = jax.device_put(tx.init(transfer.split(state["params"], frozen)[0]), repl)
-    jitted = jax.jit(lambda s, b: step(s, b["image"], b["label"]),
-                     in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0)
+    jitted, state = steps.build(c, mesh, class_counts=COUNTS, pretrained=False,
+                                frozen=transfer.frozen_groups(c, 0.0))
     images, labels = _batch(c)
     return jitted, state, sharding.global_batch({"image": images, "label": labels}, mesh)
 
@@ -124,78 +117,6 @@ def pneumojax_step(c: ml_collections.ConfigDict, hlo_to: pathlib.Path | None = N
         box[0], m = jitted(box[0], batch)
         jax.block_until_ready((box[0], m))
     return run
-
-
-def step_bytes(c: ml_collections.ConfigDict) -> int:
-    """Device memory the compiled train step needs at `c`'s batch: its arguments, outputs and
-    scratch, from XLA's own accounting; nothing runs. On a GPU the compile skips autotuning,
-    which changes the kernels chosen, not what they hold."""
-    jitted, state, batch = _pneumojax_jit(c)
-    lowered = jitted.lower(state, batch)
-    try:
-        fast = {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
-        compiled = lowered.compile(compiler_options=fast)
-    except Exception as e:  # an XLA that no longer knows the option: compile as it is
-        if is_oom(e):
-            raise
-        compiled = lowered.compile()
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-            + m.temp_size_in_bytes)
-
-
-def memory_limit() -> int:
-    """Bytes this process may hold on the first device: the allocator's limit on an
-    accelerator (it honours XLA_PYTHON_CLIENT_MEM_FRACTION), the machine's RAM on a CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def largest_batch(c: ml_collections.ConfigDict, cap: int, probes: tuple[int, int] = (16, 32),
-                  usable: float = 0.9) -> dict:
-    """The largest batch (a multiple of 8, at most `cap`) whose step fits in `usable` of the
-    device's memory. Parameters and optimizer state are fixed and activations grow linearly
-    with the batch, so the step's memory at two probe batches gives both, and the line through
-    them the answer; `fit` then confirms it by running, halving on an out-of-memory error."""
-    sizes = {}
-    for b in probes:
-        probe = ml_collections.ConfigDict(c.to_dict())
-        probe.train.batch_size = b
-        sizes[b] = step_bytes(probe)
-    (b1, m1), (b2, m2) = sorted(sizes.items())
-    per_image = max((m2 - m1) / (b2 - b1), 1.0)
-    limit = memory_limit()
-    predicted = int((usable * limit - (m1 - per_image * b1)) // per_image)
-    batch = max(1, min(cap, predicted // 8 * 8 if predicted >= 8 else predicted))
-    return dict(batch=batch, predicted=predicted, cap=cap, memory_limit=limit,
-                probe_bytes={str(b): m for b, m in sizes.items()},
-                bytes_per_image=round(per_image))
-
-
-def is_oom(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
-def fit(make: Callable[[int], Step], batch: int, warmup: int = 3) -> tuple[Step, int]:
-    """A step built by `make(batch)` and warmed up, halving `batch` while it runs out of
-    memory: the batch a search predicted is confirmed by running it, not trusted."""
-    while True:
-        try:
-            step = make(batch)
-            for _ in range(warmup):
-                step()
-            return step, batch
-        except Exception as e:  # XlaRuntimeError or torch.OutOfMemoryError, by message
-            if not is_oom(e) or batch == 1:
-                raise
-            print(f"out of memory at batch {batch}; trying {batch // 2}", flush=True)
-            step = None
-            gc.collect()
-            _free_torch_cache()
-            batch //= 2
 
 
 def _free_torch_cache() -> None:
@@ -229,7 +150,7 @@ def pytorch_step(c: ml_collections.ConfigDict, setup: str = "eager",
         [dict(params=[p for p in params if p.ndim > 1], weight_decay=c.train.weight_decay),
          dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)],
         lr=c.train.learning_rate)
-    weights = torch.as_tensor(np.array(train.class_weights(COUNTS, c.train.class_weights)),
+    weights = torch.as_tensor(np.array(steps.class_weights(COUNTS, c.train.class_weights)),
                               device=device)
     images, labels = _batch(c)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device).contiguous(
@@ -266,6 +187,7 @@ def _batch_arg(text: str) -> int | str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    xla_cpu.set_flags()  # before JAX's backend starts
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="shallow_cnn,deep_cnn,resnet50",
@@ -275,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                         help='JSON overriding the config\'s model kwargs, e.g. \'{"width": 8}\'')
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=_batch_arg, default=64,
-                        help="a number, or auto: the largest that fits (largest_batch)")
+                        help="a number, or auto: the largest that fits (profiling.largest_batch)")
     parser.add_argument("--max-batch", type=int, default=4096, help="the cap of --batch auto")
     parser.add_argument("--seconds", type=float, default=20.0, help="per framework and setup")
     parser.add_argument("--rounds", type=int, default=3)
@@ -308,26 +230,32 @@ def main(argv: list[str] | None = None) -> None:
         c = model_config(name, arg, args.image_size, 1, args.dtype, args.model_kwargs)
         label = f"{name}:{arg}" if arg else name
         kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in c.model.kwargs.items()}
-        search = largest_batch(c, args.max_batch) if args.batch == "auto" else None
-        if search:
-            print(f"{label}: batch search {json.dumps(search)}", flush=True)
-        batch = search["batch"] if search else args.batch
 
         def sized(b: int, c: ml_collections.ConfigDict = c) -> ml_collections.ConfigDict:
             c.train.batch_size = b
             return c
 
+        search = (profiling.largest_batch(
+            lambda b: profiling.step_bytes(*_pneumojax_jit(sized(b))), args.max_batch)
+            if args.batch == "auto" else None)
+        if search:
+            print(f"{label}: batch search {json.dumps(search)}", flush=True)
+        batch = search["batch"] if search else args.batch
+
         runs: list[tuple[dict, Step, int]] = []  # compiled and warmed up before any timing
         if "pneumojax" in frameworks:
             on_cpu = jax.default_backend() == "cpu"
-            step, batch = fit(lambda b: pneumojax_step(sized(b)), batch)
+            step, batch = profiling.fit(lambda b: pneumojax_step(sized(b)), batch,
+                                        free=_free_torch_cache)
             runs.append((dict(framework="pneumojax", dtype=args.dtype, setup="jit",
                               threads=os.cpu_count() if on_cpu else None,
                               batch_search=search), step, batch))
         if "pytorch" in frameworks:
             for setup in setups:
                 amp = "amp" in setup.split("+")
-                step, b = fit(lambda b, s=setup: pytorch_step(sized(b), s, torch_device), batch)
+                step, b = profiling.fit(
+                    lambda b, s=setup: pytorch_step(sized(b), s, torch_device), batch,
+                    free=_free_torch_cache)
                 runs.append((dict(framework="pytorch", dtype="bfloat16" if amp else "float32",
                                   setup=setup,
                                   threads=torch.get_num_threads() if torch_device == "cpu"

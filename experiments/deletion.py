@@ -2,7 +2,7 @@ r"""Is Grad-CAM faithful? The deletion test on a trained run's images.
 
     python experiments/deletion.py --workdir workdirs/deep_cnn_cpu
     python experiments/deletion.py --workdir workdirs/deep_cnn_cpu \
-        --data folder:../shared/data/chest_xray/val --out experiments/results/deletion_val.json
+        --data folder:PATH/chest_xray/val --out experiments/results/deletion_val.json
 
 For every image: P(PNEUMONIA) as it is, with the 20 % of pixels that its PNEUMONIA Grad-CAM
 ranks highest blurred, and with 20 % random pixels blurred (`pneumojax.gradcam.deletion`). A
@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from experiments import common
 from pneumojax import data as pdata
-from pneumojax import evaluate, gradcam, train
+from pneumojax import evaluate, gradcam, inference, xla_cpu
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "deletion.json"
 
@@ -34,7 +34,8 @@ def probabilities(workdir: str | pathlib.Path, data: str = "tfds:validation", *,
                   fraction: float = 0.2, batch_size: int = 64, checkpoint: str = "best") -> dict:
     """Per method: labels and P(PNEUMONIA) original / salient-blurred / random-blurred. The
     random pixels depend only on the batch, so every method is compared with the same ones."""
-    config, graphdef, state, _, step = train.restore(workdir, checkpoint)
+    model = inference.load(workdir, checkpoint)
+    config, graphdef, state, step = model.config, model.graphdef, model.state, model.step
     layer = layer or gradcam.config_layer(config)
     examples = evaluate.load_images(data, config)[0]
     out = {m: {k: [] for k in ("label", "original", "salient", "random")} for m in methods}
@@ -52,27 +53,8 @@ def probabilities(workdir: str | pathlib.Path, data: str = "tfds:validation", *,
         m: {k: np.concatenate(v) for k, v in columns.items()} for m, columns in out.items()})
 
 
-def summarize(p: dict, *, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean probability drops, the share of images where the salient drop is larger, and a
-    bootstrap interval of the mean paired difference (salient drop - random drop)."""
-    rng = np.random.default_rng(seed)
-    result = {}
-    for name, keep in (("all", np.ones_like(p["label"], bool)), ("PNEUMONIA", p["label"] == 1),
-                       ("NORMAL", p["label"] == 0)):
-        if not keep.any():
-            continue
-        salient = p["original"][keep] - p["salient"][keep]
-        random = p["original"][keep] - p["random"][keep]
-        diff = salient - random
-        boot = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(axis=1)
-        result[name] = dict(n=int(keep.sum()), drop_salient=float(salient.mean()),
-                            drop_random=float(random.mean()), difference=float(diff.mean()),
-                            difference_ci95=[float(np.quantile(boot, q)) for q in (0.025, 0.975)],
-                            share_salient_larger=float((diff > 0).mean()))
-    return result
-
-
 def main(argv: list[str] | None = None) -> None:
+    xla_cpu.set_flags()  # before JAX's backend starts
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
@@ -88,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                   layer=p["layer"], fraction=args.fraction,
                   device=common.device_name(), commit=common.commit(),
                   date=datetime.date.today().isoformat(),
-                  results={m: summarize(v) for m, v in p["methods"].items()})
+                  results={m: gradcam.deletion_summary(v) for m, v in p["methods"].items()})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{args.data}, checkpoint {p['step']}, layer {p['layer']}: mean drop of P(PNEUMONIA)")

@@ -4,8 +4,8 @@
 #     bash experiments/device_prepare.sh PATH/chest_xray
 #
 # - .whl/      wheels, for the GPU machine's Python 3.12 on x86-64, of the packages its image
-#              lacks (grain, tensorflow-datasets, ml-collections, array-record, pydicom and what
-#              they import), each at the version installed here, so the GPU runs what CI tested;
+#              lacks (grain, tensorflow-datasets, ml-collections, array-record, pydicom,
+#              tensorboardX and what they import), each at the version installed here, so the GPU runs what CI tested;
 # - .gpudata/  the real X-rays as their own JPEG files (train/ and val/ only, about 37 MB: the
 #              most compact form there is; the suite prepares them at 224 px on the GPU machine's
 #              16 cores) and MANIFEST.json, which the suite checks the carried files against.
@@ -19,11 +19,11 @@ PY=${PYTHON:-python3}
 SRC=${1:?usage: bash experiments/device_prepare.sh PATH/chest_xray}
 [ -d "$SRC/train" ] || { echo "error: $SRC/train not found: give the folder that holds train/ and val/" >&2; exit 2; }
 
-# Missing on the GPU image (the device tool's KINDS.md package list): the five the suite needs and
+# Missing on the GPU image (the device tool's KINDS.md package list): the six the suite needs and
 # the modules they import at run time. Keep one version of each.
-PACKAGES="tensorflow-datasets grain array-record ml-collections pydicom dm-tree immutabledict
-promise simple-parsing docstring-parser tensorflow-metadata googleapis-common-protos termcolor
-toml portpicker importlib-resources"
+PACKAGES="tensorflow-datasets grain array-record ml-collections pydicom tensorboardX dm-tree
+immutabledict promise simple-parsing docstring-parser tensorflow-metadata googleapis-common-protos
+termcolor toml portpicker importlib-resources"
 PLATFORM="--only-binary=:all: --python-version 3.12 --implementation cp
 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"

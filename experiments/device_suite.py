@@ -20,10 +20,10 @@ and if anything is, the suite stops there. Otherwise, within `--budget` seconds:
    compiled), profile_step.py (the ResNet50 bf16 step as training runs it, augmentation
    included), bench_input.py and bench_gradcam.py.
 
-Each stage is its own process with a deadline and a log; one that fails or runs out of time is
-recorded so and the rest go on. Stages that finished are remembered in `--state`
-(.device_state/, git-ignored, kept while the machine stays warm), so the same command run again
-at once skips them, and reuses the compilation cache kept there.
+Each stage is its own process with a deadline and a log (`pneumojax.budget` runs them); one
+that fails or runs out of time is recorded so and the rest go on. Stages that finished are
+remembered in `--state` (.device_state/, git-ignored, kept while the machine stays warm), so
+the same command run again at once skips them, and reuses the compilation cache kept there.
 
 Written to `--out` (the device returns at most 8 files):
 - suite.json: each stage's status, seconds and figures, the device and the versions;
@@ -50,15 +50,17 @@ import os
 import pathlib
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script
+
+# The standard library only, so it imports before the preflight can say what is missing.
+from pneumojax.budget import Stage, schedule
+
 PY = sys.executable
 # Importable here or the suite stops: the GPU image's own packages and the carried wheels'.
 PACKAGES = ("jax", "flax", "optax", "orbax.checkpoint", "numpy", "matplotlib", "torch", "PIL",
@@ -66,19 +68,6 @@ PACKAGES = ("jax", "flax", "optax", "orbax.checkpoint", "numpy", "matplotlib", "
             "pydicom")
 RESULT_FILES = ("bench_train.json", "profile_step.json", "bench_input.json",
                 "bench_gradcam.json", "device_suite.json")
-
-
-@dataclasses.dataclass
-class Stage:
-    """One process of the suite. `command` is built when the stage starts, so it can read what
-    an earlier stage found (profile_step takes bench_train's batch)."""
-
-    name: str
-    command: Callable[[], list[str]]
-    limit: float                    # seconds at most, within what the budget leaves
-    exclusive: bool = False         # alone on the device: its figures are timings
-    after: tuple[str, ...] = ()     # stages that must have finished ok first
-    env: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -130,7 +119,9 @@ REAL = Sizes(image_size=224, epochs=(30.0, 20.0),
              gradcam_models="deep_cnn,resnet50", gradcam_batch=64, gradcam_seconds=2.0)
 DRY = Sizes(image_size=32, epochs=(1.0, 1.0),
             train_overrides=("--config.data.device_resident=True", "--config.train.batch_size=8",
-                             "--config.train.eval_batch_size=16", "--config.train.log_every=1"),
+                             "--config.train.eval_batch_size=16", "--config.train.log_every=1",
+                             # two checkpoints, as a real run has many: only the best travels
+                             "--config.train.eval_every=3"),
             bench_models="deep_cnn:cpu", max_batch=16, seconds=0.3, rounds=1,
             input_seconds=0.2,
             profile_model="deep_cnn:cpu", profile_steps=1, input_batch=8,
@@ -242,82 +233,6 @@ def preflight(p: Paths, dry: bool) -> tuple[list[str], dict]:
                            "and carry .gpudata, or pass --data PATH/chest_xray")
         found["data_files"] = sum(have.values())
     return missing, found
-
-
-def run_stage(stage: Stage, p: Paths, env: dict, deadline: float) -> dict:
-    """Runs one stage to its end or its deadline; its output goes to its log."""
-    seconds = min(stage.limit, deadline - time.monotonic())
-    log = p.logs / f"{stage.name}.log"
-    if seconds < 5:
-        return dict(status="skipped", reason="no time left in the budget", seconds=0.0)
-    command = stage.command()
-    start = time.monotonic()
-    with log.open("w") as f:
-        f.write(" ".join(command) + "\n")
-        f.flush()
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env={**env, **stage.env}, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=seconds)
-            status = "ok" if rc == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the stage and whatever it started
-            rc, status = proc.wait(), "timeout"
-    return dict(status=status, rc=rc, seconds=round(time.monotonic() - start, 1),
-                limit=round(seconds), log=f"logs/{log.name}", tail=_tail(log))
-
-
-def _tail(log: pathlib.Path, lines: int = 4) -> list[str]:
-    return [line[:300] for line in log.read_text(errors="replace").splitlines()[-lines:]]
-
-
-def schedule(plan: list[Stage], p: Paths, env: dict, deadline: float, done: dict,
-             say: Callable[[str], None]) -> dict:
-    """Shared stages run together as their dependencies allow; then each exclusive stage
-    alone. `done` holds stages finished by an earlier call, which are not run again."""
-    results = dict(done)
-
-    def ready(stage: Stage) -> bool | None:
-        """True to start, False to wait, None when a dependency did not finish ok."""
-        states = [results.get(a, {}).get("status") for a in stage.after]
-        if any(s not in (None, "ok") for s in states):
-            return None
-        return all(s == "ok" for s in states)
-
-    import concurrent.futures as cf
-    shared = [s for s in plan if not s.exclusive and s.name not in results]
-    with cf.ThreadPoolExecutor(max_workers=max(len(shared), 1)) as pool:
-        futures: dict[cf.Future, Stage] = {}
-        while shared or futures:
-            for stage in list(shared):
-                state = ready(stage)
-                if state is None:
-                    results[stage.name] = dict(status="skipped", reason=(
-                        f"needs {', '.join(stage.after)}, which did not finish"), seconds=0.0)
-                    shared.remove(stage)
-                elif state:
-                    say(f"start {stage.name}")
-                    futures[pool.submit(run_stage, stage, p, env, deadline)] = stage
-                    shared.remove(stage)
-            if not futures:
-                break
-            finished, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                stage = futures.pop(future)
-                results[stage.name] = future.result()
-                say(_line(stage.name, results[stage.name]))
-    for stage in plan:
-        if stage.exclusive and stage.name not in results:
-            say(f"start {stage.name}")
-            results[stage.name] = run_stage(stage, p, env, deadline)
-            say(_line(stage.name, results[stage.name]))
-    return {s.name: results[s.name] for s in plan}
-
-
-def _line(name: str, r: dict) -> str:
-    return f"{name}: {r['status']} in {r['seconds']:.0f} s" + (
-        f" ({r['reason']})" if "reason" in r else "") + (
-        "" if r["status"] == "ok" else "".join(f"\n    | {t}" for t in r.get("tail", [])))
 
 
 def figures(results: dict, p: Paths, since: str, device: str) -> None:
@@ -456,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                         os.environ.get("PYTHONPATH")])))
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process's own JAX too
+    from pneumojax import xla_cpu
+    xla_cpu.set_flags()  # here; each of its scripts and pytest set their own
 
     missing, found = preflight(p, args.dry_run)
     if missing:
         print(f"device suite: missing {'; '.join(missing)}. Stopping.", flush=True)
         return 2
-    sys.path.insert(0, str(ROOT))
     from experiments import common
 
     device = common.device_name()
@@ -485,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"already done at {commit}, not run again: {', '.join(done)}", flush=True)
 
     say = lambda m: print(f"[{time.monotonic() - t0:5.0f} s] {m}", flush=True)
-    results = schedule(stages(p, DRY if args.dry_run else REAL, args.dry_run), p, env,
-                       t0 + budget - 15, done, say)
+    results = schedule(stages(p, DRY if args.dry_run else REAL, args.dry_run), p.logs, env,
+                       t0 + budget - 15, done, say, cwd=ROOT)
     figures(results, p, started, device)
     done_file.write_text(json.dumps({commit: results}, indent=1))
     record = dict(device=device, dry_run=args.dry_run, commit=commit, date=started,

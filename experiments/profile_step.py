@@ -6,16 +6,18 @@ r"""Where the trainer's step spends its time, kernel by kernel, from a `jax.prof
 
 It jits `bench_train.pneumojax_step` (the trainer's own step; augmentation off unless
 `--augment`, which profiles the step as training runs it), warms it up, traces `--steps` steps
-and sums the trace's events by name: XLA's fusions (`transpose_copy_*`, `broadcast_*`,
-`__ynn_fusion`s, ...), convolutions and copies. Names are those of the compiled HLO, which
-`--hlo FILE` writes, so that each fusion can be read. Events that nest (e.g. the ops inside a
-conditional) are counted where they run; on an accelerator only the device's own kernels count.
+and sums the trace's events by name (`pneumojax.profiling.kernel_times`): XLA's fusions
+(`transpose_copy_*`, `broadcast_*`, `__ynn_fusion`s, ...), convolutions and copies. Names are
+those of the compiled HLO, which `--hlo FILE` writes, so that each fusion can be read. Events
+that nest (e.g. the ops inside a conditional) are counted where they run; on an accelerator
+only the device's own kernels count.
 
-`by_category` sorts the same time by what the kernels compute, read from the JAX name stack
-that XLA keeps in each HLO instruction's metadata (for a fusion, of every op fused into it):
-`convolution` (forward and both gradients), `input` (the uint8 batch made float and augmented
-on the device, `data.augment.augment_batch`), `batch_norm` (the `batch_norm` name scope of
-`models.norm`), `optimizer` (the `optimizer` scope of the train step), `layout` (copies and
+`by_category` sorts the same time by what the kernels compute, read by
+`pneumojax.profiling.hlo_categories` from the JAX name stack that XLA keeps in each HLO
+instruction's metadata (for a fusion, of every op fused into it): `convolution` (forward and
+both gradients), `input` (the uint8 batch made float and augmented on the device,
+`data.augment.augment_batch`), `batch_norm` (the `batch_norm` name scope of the models'
+BatchNorm), `optimizer` (the `optimizer` scope of the train step), `layout` (copies and
 transposes) and `elementwise` (the rest: activations, pooling, the loss, casts). The step's
 wall time is printed beside the events' sum; on CPU the gap is the convolutions, which run on
 Eigen's threads without events of their own. Results go to experiments/results/profile_step.json.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
-import re
 import pathlib
 import sys
 import tempfile
@@ -38,79 +39,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script
 
 from experiments import bench_train, common
+from pneumojax import profiling, xla_cpu
 
 RESULTS = ROOT / "experiments" / "results" / "profile_step.json"
 
 
-# First match wins, on the name stacks of the ops an HLO instruction runs.
-CATEGORIES = (("convolution", "conv_general_dilated"), ("input", "augment_batch"),
-              ("batch_norm", "batch_norm"), ("optimizer", "optimizer"))
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = .*?\b([a-z][\w-]*)\(")
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) ")
-
-
-def hlo_categories(hlo_text: str) -> dict[str, str]:
-    """Each instruction of a compiled HLO module -> its category (see the module docstring)."""
-    called: dict[str, list[str]] = collections.defaultdict(list)  # computation -> callees
-    names: dict[str, set[str]] = collections.defaultdict(set)     # computation -> op names
-    instructions: dict[str, tuple[str, str, list[str], set[str]]] = {}
-    computation = ""
-    for line in hlo_text.splitlines():
-        if m := _COMPUTATION.match(line):
-            computation = m.group(1)
-        elif m := _INSTRUCTION.match(line):
-            ops = set(re.findall(r'op_name="([^"]*)"', line))
-            callees = re.findall(r"(?:calls|to_apply|body|condition|branch_computations)="
-                                 r"\{?([%\w., -]+)\}?", line)
-            callees = [c.strip().lstrip("%") for group in callees for c in group.split(",")]
-            instructions[m.group(1)] = (computation, m.group(2), callees, ops)
-            names[computation] |= ops
-            called[computation] += callees
-
-    def stack(computation: str, seen: set[str]) -> set[str]:
-        if computation in seen:
-            return set()
-        seen.add(computation)
-        return names[computation].union(*(stack(c, seen) for c in called[computation]))
-
-    result = {}
-    for name, (_, opcode, callees, ops) in instructions.items():
-        ops = ops.union(*(stack(c, set()) for c in callees))
-        category = next((c for c, key in CATEGORIES if any(key in o for o in ops)), None)
-        if category is None:
-            layout = opcode in ("copy", "transpose") or "copy" in name or "transpose" in name
-            category = "layout" if layout else "elementwise"
-        result[name] = category
-    return result
-
-
-def kernel_times(trace_dir: str, steps: int) -> dict[str, float]:
-    """ms per step of every kernel, by its HLO instruction's name, largest first: on an
-    accelerator the device planes' events, on a CPU those of XLA's threads."""
-    from jax.profiler import ProfileData
-
-    path = next(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
-    planes = list(ProfileData.from_file(str(path)).planes)
-    devices = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
-    totals: collections.Counter[str] = collections.Counter()
-    for plane in devices or planes:
-        for line in plane.lines:
-            if line.name == "python" or line.name in DERIVED_LINES:
-                continue
-            for event in line.events:
-                if "Execute" in event.name or event.name.startswith("end:"):
-                    continue
-                name = dict(event.stats).get("hlo_op") or event.name
-                totals[name] += event.duration_ns / 1e6 / steps
-    return dict(totals.most_common())
-
-
-# Lines the profiler derives from the kernels' own: counting them would count kernels twice.
-DERIVED_LINES = {"XLA Modules", "XLA Ops", "XLA TraceMe", "Framework Name Scope", "Steps",
-                 "Framework Ops", "Source code", "Host Offload Ops"}
-
-
 def main(argv: list[str] | None = None) -> None:
+    xla_cpu.set_flags()  # before JAX's backend starts
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deep_cnn", help="configs/<model>.py, name:arg allowed")
@@ -130,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     config.data.augment.enabled = args.augment
     hlo = args.hlo or pathlib.Path(tempfile.mkdtemp()) / "step.hlo"
     step = bench_train.pneumojax_step(config, hlo_to=hlo)
-    categories = hlo_categories(hlo.read_text())
+    categories = profiling.hlo_categories(hlo.read_text())
     for _ in range(3):
         step()
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -139,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.steps):
                 step()
         wall_ms = (time.perf_counter() - start) * 1000 / args.steps
-        kernels = kernel_times(trace_dir, args.steps)
+        kernels = profiling.kernel_times(trace_dir, args.steps)
     kinds: collections.Counter[str] = collections.Counter()
     by_category: collections.Counter[str] = collections.Counter()
     for kernel, ms in kernels.items():

@@ -1,7 +1,7 @@
 """The results table in one command: train each model, score its best checkpoint, write the table.
 
     python experiments/reproduce.py                                        # synthetic phantoms
-    python experiments/reproduce.py --cpu --source folder:../shared/data/chest_xray
+    python experiments/reproduce.py --cpu --source folder:PATH/chest_xray  # about 20 min, 2 cores
     python experiments/reproduce.py --source folder:PATH/chest_xray        # full configs, a GPU
     python experiments/reproduce.py --rows shallow_cnn,deep_cnn --set train.epochs=1 \\
         --set deep_cnn:model.kwargs.widths='(8, 8, 16, 16)'
@@ -46,7 +46,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from pneumojax import evaluate, train, weights, workdirs
+from pneumojax import evaluate, training, weights, workdirs, xla_cpu
+from pneumojax.training.data import prepare_data
 from pneumojax.data import builder
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/, experiments/
@@ -204,10 +205,10 @@ def train_or_reuse(p: Plan, retrain: bool) -> dict:
         return dict(info, reused=True)
     c = p.config
     # Prepared outside the timer: the wall time is training, not decoding the source.
-    train.prepare_data(c)
+    prepare_data(c)
     resumed = (p.workdir / "checkpoints").is_dir() and any((p.workdir / "checkpoints").iterdir())
     start = time.perf_counter()
-    train.train_and_evaluate(c, p.workdir)
+    training.train_and_evaluate(c, p.workdir)
     info = dict(wall_s=round(time.perf_counter() - start, 1), device=device_name(),
                 date=_today(), commit=commit(), resumed=resumed)  # resumed: last segment only
     stamp.write_text(json.dumps(info, indent=1) + "\n")
@@ -324,6 +325,7 @@ def markdown(table: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    xla_cpu.set_flags()  # before JAX's backend starts
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="synthetic", help="folder:PATH | medmnist | synthetic")

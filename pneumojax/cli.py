@@ -27,12 +27,40 @@ class UserError(ValueError):
     why, and the fix."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every CLI's help: the description (the module's docstring) and the examples keep their
+    lines, and an option's help ends with its default where it has one and does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and not action.required and default is not None
+                and default is not False and default is not argparse.SUPPRESS
+                and "default" not in text):
+            text += " (default: %(default)s)" if text else "default: %(default)s"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument (an unknown choice, a missing one) goes through `run`: one
-    line naming it with the valid choices, not the usage block. Its subcommands inherit it."""
+    line naming it with the valid choices, not the usage block. Its subcommands inherit it.
+
+    The convention of every `python -m pneumojax.*` command: flags are spelled with dashes
+    (`--data-dir`; only `--config.field.name=value` overrides keep a config field's name), each
+    says what it takes, and `--help` ends with `examples`: commands to copy."""
+
+    def __init__(self, *args, examples: Sequence[str] = (), **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        if examples:
+            kwargs.setdefault("epilog", EXAMPLES_HEADING + "\n" + "\n".join(
+                f"  {e}" for e in examples))
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         raise UserError(f"{self.prog}: {message}")
+
+
+EXAMPLES_HEADING = "examples:"  # lower case, as argparse's own "usage:" and "options:"
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from pneumojax import cli, metrics, models, transfer
+from pneumojax import cli, losses, metrics, models, transfer
 from pneumojax.data import sources
 
 Rule = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
@@ -108,9 +108,10 @@ def _threshold(value: Any) -> str | None:
 
 
 def _epochs(value: Any) -> str | None:
-    wanted = (f"must be up to {len(transfer.PROGRESSIVE_ORDER)} epochs at least 0, at which "
-              f"{', '.join(transfer.PROGRESSIVE_ORDER)} thaw in turn")
-    if not isinstance(value, tuple | list) or len(value) > len(transfer.PROGRESSIVE_ORDER):
+    longest = max((cls.UNFREEZE_ORDER for cls in models.MODELS.values()), key=len)
+    wanted = (f"must be up to {len(longest)} epochs at least 0, at which the groups of the "
+              f"model's UNFREEZE_ORDER thaw in turn (e.g. {', '.join(longest)})")
+    if not isinstance(value, tuple | list) or len(value) > len(longest):
         return wanted
     return wanted if any(_number(0)(e) for e in value) else None
 
@@ -149,6 +150,7 @@ FIELDS: dict[str, Rule] = {
     "train.end_lr_factor": _number(0, 1),
     "train.weight_decay": _number(0),
     "train.grad_clip": _number(0, open_low=True),
+    "train.loss": _choice(losses.LOSSES),
     "train.label_smoothing": _number(0, 1, open_high=True),
     "train.lesion_weight": _number(0),
     "train.class_weights": _boolean,
@@ -158,11 +160,11 @@ FIELDS: dict[str, Rule] = {
     "train.threshold": _threshold,
     "train.freeze": _choice(transfer.FREEZE_MODES),
     "train.unfreeze_epochs": _epochs,
-    **{f"train.lr_multipliers.{g}": _number(0) for g in transfer.GROUPS},
+    **{f"train.lr_multipliers.{g}": _number(0) for g in transfer.groups()},
     "train.num_devices": _optional(_integer(1)),
     "checkpoint.keep": _integer(1),
 }
-OPTIONAL = {f"train.lr_multipliers.{g}" for g in transfer.GROUPS}  # a missing group keeps 1.0
+OPTIONAL = {f"train.lr_multipliers.{g}" for g in transfer.groups()}  # a missing one keeps 1.0
 
 
 def leaves(config: Node, prefix: str = "", whole: tuple[str, ...] = ("model.kwargs",)
@@ -250,27 +252,38 @@ def _model_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         from pneumojax import weights
 
         variant = weights.SOURCES[init.partition(":")[2]].variant
-        if name != "resnet50":
-            yield _problem("model.init", init, "ImageNet weights exist for resnet50 only",
-                           "set --config.model.init=scratch")
+        if not getattr(models.MODELS[name], "IMAGENET_WEIGHTS", False):
+            ported = [n for n, cls in models.MODELS.items() if getattr(cls, "IMAGENET_WEIGHTS",
+                                                                        False)]
+            yield _problem("model.init", init, f"ImageNet weights exist for {', '.join(ported)} "
+                           "only", "set --config.model.init=scratch")
         elif kwargs.get("variant", "v1.5") != variant:
             yield _problem("model.init", init, f"these are ResNet50 {variant} weights",
                            f"add --config.model.kwargs.variant={variant}")
 
 
+def _scores_cells(name: str, kwargs: dict) -> bool:
+    """Whether model `name` built with `kwargs` records `lesion_logits` (its `LESION_KWARGS`)."""
+    cls = models.MODELS[name]
+    wanted = getattr(cls, "LESION_KWARGS", None)
+    defaults = inspect.signature(cls.__init__).parameters
+    return wanted is not None and all(
+        kwargs.get(k, defaults[k].default if k in defaults else None) == v
+        for k, v in wanted.items())
+
+
 def _training_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
-    try:
-        transfer.frozen_groups(config, 0.0)  # progressive unfreezing needs named stages
-    except ValueError as e:
-        yield f"config field {cli.one_line(e)}; set --config.train.freeze"
     t = config.train
     if t.lesion_weight > 0 and config.data.source != "synthetic":
         yield _problem("train.lesion_weight", t.lesion_weight,
                        "> 0 needs lesion masks, which only the synthetic source has, not "
                        f"{config.data.source!r}")
-    if t.lesion_weight > 0 and config.model.kwargs.get("head") != "lesion":
+    if t.lesion_weight > 0 and not _scores_cells(config.model.name, dict(config.model.kwargs)):
+        fixes = [f"{n} with " + " ".join(f"--config.model.kwargs.{k}={v}"
+                                         for k, v in cls.LESION_KWARGS.items())
+                 for n, cls in models.MODELS.items() if getattr(cls, "LESION_KWARGS", None)]
         yield _problem("train.lesion_weight", t.lesion_weight, "> 0 needs a model that "
-                       "scores cells", "use deep_cnn with --config.model.kwargs.head=lesion")
+                       "scores cells", f"use {' or '.join(fixes)}")
 
 
 def validate(config: ml_collections.ConfigDict, *, devices: int, processes: int = 1) -> None:

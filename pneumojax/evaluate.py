@@ -14,85 +14,18 @@ A wrong workdir, checkpoint or folder is one line naming it, exit status 2 (cli.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import pathlib
 import re
 import sys
-from typing import Any
 
-import jax
-import ml_collections
 import numpy as np
 
-from pneumojax import checkpoint, cli, metrics, plots, sharding, train
+from pneumojax import cli, inference, metrics, plots, xla_cpu
 from pneumojax import data as pdata
 from pneumojax.data import builder, sources
-
-_TRAIN_HINT = "give the folder that `python -m pneumojax.main --workdir DIR` wrote"
-# What orbax and tensorstore raise for a damaged checkpoint: a missing item is a KeyError, a
-# truncated JSON a ValueError, a garbled array file a ValueError or an OSError.
-_DAMAGED = (OSError, ValueError, KeyError)
-
-
-def _check_workdir(workdir: pathlib.Path) -> None:
-    """A folder with a readable config.json; read here first so that a broken one is not
-    blamed on the checkpoint that `train.restore` reads next."""
-    if not workdir.is_dir():
-        raise cli.UserError(f"--workdir {workdir}: no such folder; {_TRAIN_HINT}")
-    if not (workdir / "config.json").is_file():
-        raise cli.UserError(f"--workdir {workdir}: not a training run (no config.json); "
-                            f"{_TRAIN_HINT}")
-    try:
-        train.load_config(workdir)
-    except (OSError, ValueError) as e:
-        raise cli.UserError(f"{workdir / 'config.json'}: unreadable ({type(e).__name__}: "
-                            f"{e}); {_TRAIN_HINT}") from e
-
-
-def _unreadable(folder: pathlib.Path, steps: list[int], error: Exception) -> cli.UserError:
-    return cli.UserError(
-        f"{folder}: checkpoint unreadable, corrupt or incomplete ({type(error).__name__}: "
-        f"{error}); choose another with --checkpoint (saved steps: "
-        f"{', '.join(map(str, steps))}) or train again")
-
-
-def _resolve(directory: pathlib.Path, which: str) -> tuple[int, list[int]]:
-    """(step that `which` names, every saved step), `which` checked against the saved steps."""
-    ckpt = checkpoint.Checkpointer(directory, read_only=True)
-    try:
-        steps = ckpt.steps()
-        if not steps:
-            raise cli.UserError(f"{directory}: no checkpoints; a run saves one at each "
-                                "validation (train.eval_every), so train longer or again")
-        if which not in ("best", "latest") and not (which.isdigit() and int(which) in steps):
-            raise cli.UserError(f"--checkpoint {which!r}: no such checkpoint in {directory}; "
-                                f"use best, latest or a saved step: {', '.join(map(str, steps))}")
-        if which == "best":  # it reads every step's metadata: name a broken one here
-            for step in steps:
-                try:
-                    ckpt.meta(step)
-                except _DAMAGED as e:
-                    raise _unreadable(directory / str(step), steps, e) from e
-        return ckpt.resolve(which), steps
-    finally:
-        ckpt.close()
-
-
-def restore(workdir: str | pathlib.Path, which: str = "best"
-            ) -> tuple[ml_collections.ConfigDict, Any, train.State, dict, int]:
-    """`train.restore`, with each way a workdir or checkpoint can be wrong stated in one line
-    that names the folder, file or step and the fix. Prediction restores through it too."""
-    workdir = pathlib.Path(workdir).expanduser()
-    _check_workdir(workdir)
-    step, steps = _resolve(workdir / "checkpoints", str(which))
-    try:
-        return train.restore(workdir, step)
-    except _DAMAGED as e:
-        raise _unreadable(workdir / "checkpoints" / str(step), steps, e) from e
-
 
 def load_images(spec: str, config) -> tuple[list[dict], list[str], list[str], list[dict]]:
     """(examples, file names, patient ids, rejected files) for `folder:PATH` or `tfds:SPLIT`."""
@@ -119,16 +52,12 @@ def load_images(spec: str, config) -> tuple[list[dict], list[str], list[str], li
 def evaluate(workdir: str | pathlib.Path, data: str, *, checkpoint: str = "best",
              n_boot: int = 1000, out: str | pathlib.Path | None = None) -> dict:
     """Metrics of one checkpoint on one data set; writes JSON, predictions CSV and plots."""
-    config, graphdef, state, meta, step = restore(workdir, checkpoint)
-    examples, files, patients, rejected = load_images(data, config)
-    mesh = sharding.make_mesh()
-    state = jax.device_put(state, sharding.replicated(mesh))
-    eval_step = train.jit_eval_step(graphdef, config, mesh)
-    batch = config.train.eval_batch_size
-    labels, probs, index = train.predict(eval_step, state, examples, mesh, batch)
+    model = inference.load(workdir, checkpoint)
+    examples, files, patients, rejected = load_images(data, model.config)
+    labels, probs, index = model.score_split(examples)
     groups = np.asarray(patients)[index]
-    thresholds = {"0.5": 0.5, "validation": meta["threshold"]}
-    result = dict(workdir=str(workdir), checkpoint=step, data=data, n=int(len(labels)),
+    thresholds = {"0.5": 0.5, "validation": model.threshold}
+    result = dict(workdir=str(workdir), checkpoint=model.step, data=data, n=int(len(labels)),
                   rejected=rejected,
                   metrics=metrics.summarize(labels, probs, thresholds, groups=groups,
                                             n_boot=n_boot))
@@ -177,13 +106,21 @@ def format_result(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    xla_cpu.set_flags()  # before JAX's backend starts
     parser = cli.ArgumentParser(prog="python -m pneumojax.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True)
+                                examples=[
+        "python -m pneumojax.evaluate --workdir workdirs/deep_cnn_cpu "
+        "--data folder:PATH/chest_xray/test",
+        "python -m pneumojax.evaluate --workdir DIR --checkpoint latest --data tfds:validation "
+        "--out v.json"])
+    parser.add_argument("--workdir", required=True, metavar="DIR",
+                        help="the training run's folder")
     parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
     parser.add_argument("--data", required=True, help="folder:PATH or tfds:SPLIT")
-    parser.add_argument("--out", help="JSON file (default WORKDIR/eval/<data>.json)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--out", metavar="FILE",
+                        help="JSON file (default: WORKDIR/eval/<data>.json)")
+    parser.add_argument("--n-boot", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples")
     args = parser.parse_args(argv)
     result = evaluate(args.workdir, args.data, checkpoint=args.checkpoint, n_boot=args.n_boot,
                       out=args.out)

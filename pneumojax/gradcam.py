@@ -1,64 +1,48 @@
 """Grad-CAM, Grad-CAM++ and HiResCAM for any `pneumojax.models` model, batched and jitted.
 
 A stage activation is an output of the model, not an input, so jax.grad cannot take it
-directly, and the models carry no hooks. Instead the forward pass is traced to a jaxpr and
-evaluated again with a zero `delta` added where the stage's tensor is produced: every later
-stage consumes the perturbed tensor (the models return the very tensors the next stage
-reads), so d(score)/d(delta) at delta = 0 is d(score)/d(activation), for any architecture
-and any named stage, with one forward and one backward pass.
+directly, and the models carry no hooks. Instead every model records its stages through
+`pneumojax.models.stages.stage` and goes on with the tensor that returns; under
+`stages.perturbed({layer: delta})` that tensor is the activation plus `delta`, which every
+later layer reads. So jax.grad of the score as a function of a zero `delta` is
+d(score)/d(activation), for any architecture and any named stage, with one forward and one
+backward pass and public JAX only. A stage recorded beside the computation has no gradient,
+and `cams` refuses it rather than draw a blank map.
 
 Targets are signed logits: PNEUMONIA is the logit, NORMAL its negation. A one-logit model's
-evidence for NORMAL is evidence against PNEUMONIA; pytorch-grad-cam's binary target instead
-maps a negative logit to its magnitude (its issue #428), which flips the sign of the map.
+evidence for NORMAL is evidence against PNEUMONIA. pytorch-grad-cam's
+`BinaryClassifierOutputTarget` does the same since release 1.5.0 (category 0 negates the
+logit); earlier releases mapped a negative logit to its magnitude (its issue #428), which
+flipped the sign of the map.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jax.extend import core as jex_core
 
 from pneumojax import models
 from pneumojax.data import augment
+from pneumojax.models import stages
 
 METHODS = ("hirescam", "gradcam", "gradcam++")  # the first is the default: see `cams`
 MIN_GRID = 7  # cells a side: ResNet50's last stage at 224 px, where Grad-CAM was introduced
 TARGETS = {"PNEUMONIA": 1.0, "NORMAL": -1.0}
 
 
-def _forward(graphdef: nnx.GraphDef, layer: str, params: nnx.State, rest: nnx.State,
-             images: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, x: jax.Array,
+             layer: str, deltas: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(logits, the activation at `layer`) of float images `x`, with `deltas` added to the
+    stages they name (`stages.perturbed`)."""
     model = nnx.merge(graphdef, params, rest, copy=True)
-    logits, inter = model(augment.to_float(images))
+    with stages.perturbed(deltas):
+        logits, inter = model(x)
     if layer not in inter or inter[layer].ndim != 4:
         spatial = [k for k, v in inter.items() if v.ndim == 4]
         raise ValueError(f"no spatial stage {layer!r}; this model has {', '.join(spatial)}")
     return logits, inter[layer]
-
-
-def _eval_with_delta(closed: jex_core.ClosedJaxpr, args: list, delta: jax.Array) -> list:
-    """`jax.core.eval_jaxpr` of `_forward`'s jaxpr, but with `delta` added to its second
-    output (the stage) at the equation that produces it, before any consumer reads it."""
-    jaxpr = closed.jaxpr
-    target = jaxpr.outvars[1]
-    env = {}
-
-    def read(v):
-        return v.val if isinstance(v, jex_core.Literal) else env[v]
-
-    def write(v, value) -> None:
-        env[v] = value + delta if v is target else value
-
-    for v, value in zip([*jaxpr.constvars, *jaxpr.invars], [*closed.consts, *args]):
-        write(v, value)
-    for eqn in jaxpr.eqns:
-        with eqn.ctx.manager:
-            out = eqn.primitive.bind(*map(read, eqn.invars),
-                                     **eqn.primitive.get_bind_params(eqn.params))
-        for v, value in zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]):
-            write(v, value)
-    return [read(v) for v in jaxpr.outvars]
 
 
 def activation_gradients(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, *,
@@ -69,13 +53,12 @@ def activation_gradients(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.
     `graphdef` must be in eval mode: the summed score then separates per image (batch norm
     reads running statistics), so one backward pass yields every image's own gradient.
     """
-    args = (state["params"], state["rest"], images_uint8)
-    closed = jax.make_jaxpr(functools.partial(_forward, graphdef, layer))(*args)
-    flat = jax.tree.leaves(args)
-    stage = closed.out_avals[1]
+    forward = functools.partial(_forward, graphdef, state["params"], state["rest"],
+                                augment.to_float(images_uint8), layer)
+    stage = jax.eval_shape(forward, {})[1]  # traced only: nothing runs
 
     def score(delta: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        logits, activation = _eval_with_delta(closed, flat, delta)
+        logits, activation = forward({layer: delta})
         return TARGETS[target] * jnp.sum(logits), (logits, activation)
 
     grads, (logits, activation) = jax.grad(score, has_aux=True)(
@@ -116,7 +99,8 @@ def _compiled(graphdef: nnx.GraphDef, layer: str, target: str, method: str):
         # of a map's mass inside a region is not inflated by subtracting a floor.
         peak = maps.max(axis=(1, 2), keepdims=True)
         return {"raw": raw, "maps": maps / jnp.where(peak > 0, peak, 1),
-                "probability": jax.nn.sigmoid(logits), "score": TARGETS[target] * logits}
+                "probability": jax.nn.sigmoid(logits), "score": TARGETS[target] * logits,
+                "no_gradient": jnp.all(g == 0)}
 
     return jax.jit(run)
 
@@ -127,9 +111,9 @@ def cams(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, *, layer:
 
     Returns {"raw": (B, h, w) at the layer's resolution after ReLU, "maps": (B, H, W)
     bilinearly upsampled and scaled to [0, 1] per image, "probability": (B,) P(PNEUMONIA),
-    "score": (B,) the target's score}. `state` is {params, rest, ...} as `train.restore`
-    returns it, with its eval `graphdef`. Compiled once per (graphdef, layer, target, method)
-    and input shape.
+    "score": (B,) the target's score}. `state` is {params, rest, ...} as
+    `inference.load(workdir).state` holds it, with its eval `graphdef`. Compiled once per
+    (graphdef, layer, target, method) and input shape.
 
     The default method is HiResCAM (Draelos & Carin 2020): it sums gradient x activation per
     cell, where Grad-CAM first averages the gradient over the grid and so can paint cells the
@@ -137,13 +121,27 @@ def cams(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, *, layer:
     (blurring its top pixels cost less than blurring random ones) where HiResCAM passed:
     experiments/results/deletion.json. At a last stage followed by global pooling the two
     coincide.
+
+    A stage whose gradient is 0 everywhere for every image of the batch is refused with a
+    ValueError rather than drawn blank (checked when `cams` is called eagerly, not under a
+    trace). A map that is 0 after the ReLU (no positive evidence) is not refused.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
-    return _compiled(graphdef, layer, target, method)(state["params"], state["rest"],
-                                                      jnp.asarray(images_uint8))
+    out = _compiled(graphdef, layer, target, method)(state["params"], state["rest"],
+                                                     jnp.asarray(images_uint8))
+    try:
+        no_gradient = bool(out.pop("no_gradient"))
+    except jax.errors.ConcretizationTypeError:  # under a trace (jit, eval_shape): not known yet
+        no_gradient = False
+    if no_gradient:
+        raise ValueError(
+            f"stage {layer!r} has no gradient: d score / d activation is 0 everywhere for "
+            f"every image, so its activation does not reach the logit (recorded beside the "
+            f"computation, not as the tensor the next layer reads: pneumojax/models/stages.py)")
+    return out
 
 
 def default_layer(model_name: str, image_size: int, **model_kwargs) -> str:
@@ -233,3 +231,24 @@ def deletion(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, maps:
     return _compiled_deletion(graphdef, count, sigma)(
         state["params"], state["rest"], images_uint8, jnp.asarray(maps, jnp.float32),
         jax.random.key(seed))
+
+
+def deletion_summary(p: dict, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """`deletion`'s probabilities with the images' `label`s, summarised over all images and
+    per true class: mean probability drops, the share of images where the salient drop is
+    larger, and a bootstrap interval of the mean paired difference (salient - random drop)."""
+    rng = np.random.default_rng(seed)
+    result = {}
+    for name, keep in (("all", np.ones_like(p["label"], bool)), ("PNEUMONIA", p["label"] == 1),
+                       ("NORMAL", p["label"] == 0)):
+        if not keep.any():
+            continue
+        salient = p["original"][keep] - p["salient"][keep]
+        random = p["original"][keep] - p["random"][keep]
+        diff = salient - random
+        boot = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(axis=1)
+        result[name] = dict(n=int(keep.sum()), drop_salient=float(salient.mean()),
+                            drop_random=float(random.mean()), difference=float(diff.mean()),
+                            difference_ci95=[float(np.quantile(boot, q)) for q in (0.025, 0.975)],
+                            share_salient_larger=float((diff > 0).mean()))
+    return result

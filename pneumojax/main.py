@@ -1,8 +1,11 @@
-"""`python -m pneumojax.main --config configs/MODEL.py[:ARG] [--workdir DIR] [--config.x=y ...]`.
+"""`python -m pneumojax.main --config configs/MODEL.py[:ARG] [--workdir DIR] [--config.x=y ...]`:
+train and evaluate one config.
 
-A user's mistake (a mistyped flag or config field, a value out of range, a workdir that holds
-another run) is one line and exit status 2 before any work, as for every CLI here
-(`pneumojax.cli`); `--debug` shows the traceback. Ctrl-C says how to resume.
+`--config.FIELD=VALUE` overrides one field of the config (`--config.train.epochs=5`); the
+fields and their checks are in `pneumojax.config_check`. A user's mistake (a mistyped flag or
+config field, a value out of range, a workdir that holds another run) is one line and exit
+status 2 before any work, as for every CLI here (`pneumojax.cli`); `--debug` shows the
+traceback. Ctrl-C says how to resume.
 """
 
 import pathlib
@@ -15,19 +18,51 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pneumojax import cli, config_check, sharding
+from pneumojax import cli, config_check, sharding, xla_cpu
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/resnet50.py:demo.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Output folder; default workdirs/<config>[_<arg>]. "
-                    "Re-running the same command resumes from its last checkpoint.")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-flags.DEFINE_bool("distributed", False, "Multi-host: auto-detect the cluster (SLURM, MPI, ...).")
-flags.DEFINE_bool("debug", False, "Show the traceback of a refused command.")
+config_flags.DEFINE_config_file("config", None, "config file and its argument, e.g. "
+                                "configs/resnet50.py:demo", lock_config=True)
+flags.DEFINE_string("workdir", None, "output folder (default: workdirs/<config>[_<arg>]); "
+                    "running the same command again resumes from its last checkpoint")
+# Dashed, as every CLI here spells its flags (`pneumojax.cli`); absl takes a dash in a name,
+# read back as FLAGS["coordinator-address"].value.
+flags.DEFINE_string("coordinator-address", None, "multi-host: host:port of process 0")
+flags.DEFINE_integer("num-processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process-id", None, "multi-host: this process's index")
+flags.DEFINE_bool("distributed", False, "multi-host: detect the cluster (SLURM, MPI, ...)")
+flags.DEFINE_bool("debug", False, "show the traceback of a refused command")
 flags.mark_flag_as_required("config")
+
+EXAMPLES = [
+    "python -m pneumojax.main --config configs/resnet50.py:demo",
+    "python -m pneumojax.main --config configs/deep_cnn.py:cpu --workdir workdirs/mine "
+    "--config.train.epochs=5",
+    "python -m pneumojax.main --config configs/resnet50.py --coordinator-address=host0:1234 "
+    "--num-processes=4 --process-id=0",
+]
+_METAVARS = {"config": "FILE[:ARG]", "workdir": "DIR", "coordinator-address": "HOST:PORT",
+             "num-processes": "N", "process-id": "I"}
+HELP_FLAGS = ("-h", "--help", "-help", "-?")  # what absl takes for help, answered by help_text
+
+
+def help_text() -> str:
+    """`--help` in the layout of every other CLI here (argparse's, `cli.ArgumentParser`), from
+    absl's definitions of this module's flags; absl's own would exit with status 1."""
+    parser = cli.ArgumentParser(prog="python -m pneumojax.main", description=__doc__,
+                                examples=EXAMPLES, add_help=False)
+    parser.add_argument("-h", "--help", action="store_true",
+                        help="show this help message and exit")
+    for flag in FLAGS.get_flags_for_module(sys.modules[__name__]):
+        parser.add_argument(f"--{flag.name}", required=flag.name == "config",
+                            default=None if flag.name == "config" else flag.default,
+                            help=flag.help, **({"action": "store_true"} if flag.boolean else
+                                               {"metavar": _METAVARS.get(flag.name, "VALUE")}))
+        if flag.name == "config":
+            parser.add_argument("--config.FIELD", metavar="VALUE", help="override one config "
+                                "field, e.g. --config.train.epochs=5 (repeatable)")
+    return parser.format_help() + ("\nabsl's own flags (logging, profiling; spelled with "
+                                   "underscores): --helpfull\n")
 
 
 def default_workdir(config_arg: str) -> pathlib.Path:
@@ -84,6 +119,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, under the rule of `pneumojax.cli`: absl answers a bad flag with a
     usage page and status 1, ml_collections a mistyped field with a 50-line traceback."""
     debug = cli.DEBUG_FLAG in argv
+    if any(a in HELP_FLAGS for a in argv[1:argv.index("--") if "--" in argv else None]):
+        print(help_text(), end="")
+        sys.exit(0)
     try:
         rest = FLAGS(argv)
     except (flags.Error, LookupError, AttributeError, OSError) as e:
@@ -99,16 +137,18 @@ def _run(args: list[str]) -> int:
                             "--name=value")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; the progress bar suffices
         logging.set_verbosity(logging.WARNING)
-    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                    FLAGS.process_id, auto=FLAGS.distributed)
-    from pneumojax import train  # after jax.distributed, which must precede any JAX use
+    sharding.initialize_distributed(FLAGS["coordinator-address"].value,
+                                    FLAGS["num-processes"].value, FLAGS["process-id"].value,
+                                    auto=FLAGS.distributed)
+    from pneumojax import training  # after jax.distributed, which must precede any JAX use
 
     workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS["config"]))
-    train.train_and_evaluate(FLAGS.config, workdir)
+    training.train_and_evaluate(FLAGS.config, workdir)
     return 0
 
 
 def main(argv: list[str]) -> int:
+    xla_cpu.set_flags()  # before JAX's backend starts
     command = shlex.join(["python", "-m", "pneumojax.main", *sys.argv[1:]])
     return cli.run(_run, [cli.DEBUG_FLAG] * FLAGS.debug + argv[1:],
                    interrupted=f"interrupted; to resume from the last checkpoint, run the same "

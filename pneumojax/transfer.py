@@ -1,12 +1,17 @@
 """Transfer learning: which parameters train when, and how fast.
 
-Parameters fall into groups: `stem`, `stage1`..`stage4`, `head` for ResNet50, `backbone` and
-`head` for the CNNs. `train.freeze` picks what trains: `none`; `backbone` (feature
-extraction: only the head); `progressive` (the head first, then `stage4`, `stage3`, ... at the
-epochs in `train.unfreeze_epochs`). A frozen group is not differentiated at all: the train step
-takes gradients of the trainable parameters only, so XLA computes no backward pass through
-frozen layers below the lowest trainable one, and the optimizer holds state for trainable
-parameters only. Batch norm in frozen groups runs in inference mode.
+Each model declares its groups (`pneumojax.models`): `TRANSFER_GROUPS` maps its top-level
+attributes to groups, one of them `head`, and `UNFREEZE_ORDER` lists the others top down
+(ResNet50: `stage4`, `stage3`, `stage2`, `stage1`, `stem`; the CNNs: `backbone`). This module
+reads those declarations and holds no names of its own; a parameter's group is that of its
+top-level attribute across the registry (`models.transfer_groups`), so a checkpoint's state
+is grouped without its model. `train.freeze` picks what trains:
+`none`; `backbone` (feature extraction: only the head); `progressive` (the head first, then
+the groups of `UNFREEZE_ORDER` in turn, at the epochs in `train.unfreeze_epochs`). A frozen
+group is not differentiated at all: the train step takes gradients of the trainable
+parameters only, so XLA computes no backward pass through frozen layers below the lowest
+trainable one, and the optimizer holds state for trainable parameters only. Batch norm in
+frozen groups runs in inference mode.
 """
 
 from __future__ import annotations
@@ -18,19 +23,25 @@ import ml_collections
 import optax
 from flax import nnx
 
-RESNET_GROUPS = {"conv1": "stem", "bn1": "stem", "layer1": "stage1", "layer2": "stage2",
-                 "layer3": "stage3", "layer4": "stage4", "head": "head"}
-PROGRESSIVE_ORDER = ("stage4", "stage3", "stage2", "stage1", "stem")  # top down
+from pneumojax import models
+from pneumojax.models.contract import HEAD
+
 FREEZE_MODES = ("none", "backbone", "progressive")
-GROUPS = (*dict.fromkeys(RESNET_GROUPS.values()), "backbone")  # what train.lr_multipliers names
+
+
+def groups() -> tuple[str, ...]:
+    """Every group some registered model declares: what `train.lr_multipliers` may name."""
+    return tuple(dict.fromkeys(models.transfer_groups().values()))
 
 
 def group(path: tuple) -> str:
     """The group of a parameter, from its path in the model's state."""
     top = str(getattr(path[0], "key", path[0]))
-    if top in RESNET_GROUPS:
-        return RESNET_GROUPS[top]
-    return "head" if top in ("head", "hidden", "lesion") else "backbone"
+    declared = models.transfer_groups()
+    if top not in declared:
+        raise ValueError(f"parameters under {top!r} are in no transfer group; declare {top!r} "
+                         "in the model's TRANSFER_GROUPS (pneumojax.models)")
+    return declared[top]
 
 
 def frozen_groups(config: ml_collections.ConfigDict, epoch: float) -> frozenset[str]:
@@ -40,31 +51,25 @@ def frozen_groups(config: ml_collections.ConfigDict, epoch: float) -> frozenset[
         raise ValueError(f"train.freeze={mode!r}; choose from {', '.join(FREEZE_MODES)}")
     if mode == "none":
         return frozenset()
-    backbone = frozenset(PROGRESSIVE_ORDER) | {"backbone"}
+    cls = models.get(config.model.name)
+    backbone = frozenset(cls.TRANSFER_GROUPS.values()) - {HEAD}
     if mode == "backbone":
         return backbone
-    if config.model.name != "resnet50":
-        raise ValueError("train.freeze='progressive' unfreezes ResNet50 stages; "
-                         f"{config.model.name} has none")
     epochs = tuple(config.train.unfreeze_epochs)
-    thawed = {g for g, e in zip(PROGRESSIVE_ORDER, epochs) if epoch >= e}
+    thawed = {g for g, e in zip(cls.UNFREEZE_ORDER, epochs) if epoch >= e}
     return backbone - thawed
 
 
 def split(params: nnx.State, frozen: frozenset[str]) -> tuple[nnx.State, nnx.State]:
     """(trainable, frozen) parameters."""
-    return params.split(lambda path, _: group(path) not in frozen, ...)
+    return nnx.split_state(params, lambda path, _: group(path) not in frozen, ...)
 
 
 def freeze_batch_norm(model: nnx.Module, frozen: frozenset[str]) -> None:
     """Frozen groups keep their running statistics: inference-mode batch norm there."""
-    for name, g in RESNET_GROUPS.items():
-        if g in frozen and hasattr(model, name):
-            getattr(model, name).eval()
-    if "backbone" in frozen:
-        for name, sub in vars(model).items():
-            if isinstance(sub, (nnx.Module, nnx.List)) and name not in ("head", "hidden"):
-                sub.eval()
+    for attribute, g in type(model).TRANSFER_GROUPS.items():
+        if g in frozen and isinstance(sub := getattr(model, attribute, None), nnx.Module):
+            sub.eval()
 
 
 def optimizer(base: optax.GradientTransformation, config: ml_collections.ConfigDict
@@ -73,13 +78,13 @@ def optimizer(base: optax.GradientTransformation, config: ml_collections.ConfigD
 
     The scales are stateless, so they add no optimizer state.
     """
-    multipliers = dict(config.train.lr_multipliers)
-    if unknown := set(multipliers) - set(GROUPS):
+    multipliers, known = dict(config.train.lr_multipliers), groups()
+    if unknown := set(multipliers) - set(known):
         raise ValueError(f"train.lr_multipliers has unknown groups {sorted(unknown)}; "
-                         f"groups are {', '.join(GROUPS)}")
+                         f"groups are {', '.join(known)}")
     labels = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: group(p), params)
     return optax.chain(base, optax.multi_transform(
-        {g: optax.scale(float(multipliers.get(g, 1.0))) for g in GROUPS}, labels))
+        {g: optax.scale(float(multipliers.get(g, 1.0))) for g in known}, labels))
 
 
 def graft(new: Any, old: Any) -> Any:

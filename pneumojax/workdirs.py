@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pneumojax import cli, config_check
+from pneumojax import cli, config_check, defaults
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = "run.lock"
@@ -47,20 +47,13 @@ MAY_CHANGE = (
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """A run's config; fields added to the defaults since the run was made get their defaults.
-
-    The defaults live in the repository's `configs/`; outside a checkout (the CLIs run from
-    anywhere) the saved config is used as it is.
-    """
+    """A run's config, read from its workdir alone; fields added to the defaults
+    (`pneumojax.defaults`) since the run was made get their defaults."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: not a training workdir (no {CONFIG_FILE})")
     saved = json.loads(path.read_text())
-    try:
-        from configs import common
-    except ImportError:
-        return ml_collections.ConfigDict(saved)
-    config = common.get_config()
+    config = defaults.get_config()
     _merge(config, saved)
     return config
 

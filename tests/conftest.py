@@ -12,15 +12,15 @@ from collections.abc import Iterator
 import pytest
 
 from configs import shallow_cnn
-from pneumojax import data
+from pneumojax import data, xla_cpu
 
-# The real Kermany images sit next to the project root on development machines and in CI only.
-REAL_DATA = pathlib.Path(os.environ.get(
-    "PNEUMOJAX_REAL_DATA",
-    pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray"))
+xla_cpu.set_flags()  # as the entry points do, before JAX's backend starts
+
+# The real Kermany images, where a machine has them: PNEUMOJAX_REAL_DATA=PATH/chest_xray.
+REAL_DATA = pathlib.Path(os.environ.get("PNEUMOJAX_REAL_DATA", "PATH/chest_xray"))
 needs_real_data = pytest.mark.skipif(
     not (REAL_DATA / "train").is_dir(),
-    reason=f"real chest X-rays not found at {REAL_DATA} (set PNEUMOJAX_REAL_DATA)")
+    reason=f"real chest X-rays not found at {REAL_DATA}; set PNEUMOJAX_REAL_DATA=PATH/chest_xray")
 
 SYNTHETIC_COUNT = 64
 SYNTHETIC_SIZE = 32
@@ -126,12 +126,12 @@ def http_server() -> Iterator[type[_Handler]]:
 @pytest.fixture(scope="session")
 def trained(synthetic, tmp_path_factory) -> pathlib.Path:
     """The workdir of a finished tiny DeepCNN run (batch norm and dropout state included)."""
-    from pneumojax import train
+    from pneumojax import training
     workdir = tmp_path_factory.mktemp("trained")
     c = tiny_config(synthetic[0])
     c.model.name = "deep_cnn"
     c.model.kwargs = {"widths": (4, 4, 8, 8), "hidden": 8}
-    train.train_and_evaluate(c, workdir)
+    training.train_and_evaluate(c, workdir)
     return workdir
 
 

@@ -1,10 +1,12 @@
 """Tests for pneumojax.data.augment: geometry lands where the matrix says, and the rest is inert."""
 
+import dataclasses
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +115,52 @@ def test_lesion_masks_take_the_images_warp_and_no_photometric_change():
     assert not np.allclose(m_geo, np.asarray(masks, np.float32))
     _, m_off = augment.augment_batch(images, key, augment.AugmentConfig(enabled=False), masks)
     np.testing.assert_array_equal(m_off, np.asarray(masks, np.float32))
+
+
+def test_which_families_are_on_comes_from_the_fields():
+    assert augment.AugmentConfig().families() == {
+        "rotation_deg": 1, "translate": 2, "zoom": 1, "brightness": 1, "contrast": 1}
+    config = augment.AugmentConfig(**NO_GEOMETRY, brightness=0.2, contrast=0.0)
+    assert config.families() == {"brightness": 1}
+    assert config.photometric and not config.geometric
+    assert augment.AugmentConfig(**NO_PHOTO, **dict(NO_GEOMETRY, hflip=True)).families() == {
+        "hflip": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithGamma(augment.AugmentConfig):
+    """A family added later, as a researcher would: one more field."""
+
+    gamma: float = dataclasses.field(default=0.2, metadata=augment.family(1, "photometric", 0.0))
+
+
+def test_a_familys_draws_depend_on_its_name_alone():
+    key = jax.random.key(7)
+    base = augment.draws(key, augment.AugmentConfig())
+    assert len({float(u[0]) for u in base.values()}) == len(base)  # no two families share draws
+    # Turning families on or off, or adding a new one, leaves every other family's draws alone.
+    for other in (augment.AugmentConfig(hflip=True), _WithGamma(),
+                  augment.AugmentConfig(**NO_PHOTO),
+                  augment.AugmentConfig(rotation_deg=30.0, zoom=(0.5, 2.0), contrast=0.0)):
+        drawn = augment.draws(key, other)
+        assert set(drawn) == set(other.families())
+        for name in set(drawn) & set(base):
+            np.testing.assert_array_equal(drawn[name], base[name], err_msg=name)
+    assert set(augment.draws(key, _WithGamma())) - set(base) == {"gamma"}
+    np.testing.assert_array_equal(  # the key folded in from the name, the same in any process
+        base["contrast"], jax.random.uniform(jax.random.fold_in(key, zlib.crc32(b"contrast")), 1))
+
+
+def test_turning_on_contrast_leaves_the_brightness_shift_as_it_was():
+    # Contrast about the mean does nothing to a flat image, so only brightness shows; before
+    # draws went by name, contrast took the first uniform and brightness the next.
+    flat = jnp.full((4, 33, 33, 1), 128, jnp.uint8)
+    key = jax.random.key(2)
+    bright = augment.AugmentConfig(**NO_GEOMETRY, brightness=0.3, contrast=0.0)
+    both = augment.AugmentConfig(**NO_GEOMETRY, brightness=0.3, contrast=0.3)
+    out = augment.augment_batch(flat, key, bright)
+    np.testing.assert_allclose(augment.augment_batch(flat, key, both), out, atol=1e-6)
+    assert np.ptp(np.asarray(out).mean((1, 2, 3))) > 0.01  # the shift differs per example
 
 
 def test_disabled_is_exactly_to_float():

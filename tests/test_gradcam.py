@@ -1,5 +1,6 @@
 """Tests for pneumojax.gradcam: exact gradients at a stage, the CAM identity, the sign of the
-NORMAL target, a model-randomisation sanity check, and localisation of phantom lesions."""
+NORMAL target, a stage without gradient refused, a model-randomisation sanity check, and
+localisation of phantom lesions (pneumojax.localisation)."""
 
 import functools
 
@@ -10,9 +11,9 @@ import pytest
 from flax import nnx
 from scipy import ndimage, stats
 
-from experiments import deletion, localisation
-from pneumojax import data, gradcam, models, train
+from pneumojax import data, gradcam, inference, localisation, models
 from pneumojax.data import augment
+from pneumojax.models import stages
 from pneumojax.models.cnn import ConvBlock
 
 
@@ -36,7 +37,8 @@ def shallow() -> tuple[nnx.Module, nnx.GraphDef, dict]:
 
 @pytest.fixture(scope="module")
 def restored(trained):
-    config, graphdef, state, _, _ = train.restore(trained)
+    model = inference.load(trained)
+    config, graphdef, state = model.config, model.graphdef, model.state
     return config, graphdef, state
 
 
@@ -76,7 +78,7 @@ def test_maps_change_when_the_top_stage_is_randomised(restored, synthetic):
     before = np.asarray(gradcam.cams(graphdef, state, images, layer=layer)["maps"])
     rho = []
     for seed in range(1, 5):
-        fresh = nnx.split(train.create_model(config, seed), nnx.Param, ...)[1]
+        fresh = nnx.split(inference.create_model(config, seed), nnx.Param, ...)[1]
         params = jax.tree.map_with_path(
             lambda path, old, new: new if jax.tree_util.keystr(path).startswith(top) else old,
             state["params"], fresh)
@@ -105,8 +107,8 @@ class _TwoBlocks(nnx.Module):
         self.head = nnx.Linear(4, 1, dtype=jnp.float64, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
-        out = {"block1": self.blocks[0](x)}
-        return self.rest(out["block1"]), out
+        out = {}
+        return self.rest(stages.stage(out, "block1", self.blocks[0](x))), out
 
     def rest(self, block1: jax.Array) -> jax.Array:
         return self.head(self.blocks[1](block1).mean(axis=(1, 2)))[:, 0]
@@ -187,6 +189,42 @@ def test_default_layer_and_errors(shallow):
         gradcam.cams(graphdef, state, _images(1), layer="block3", target="pneumonia")
 
 
+class _Beside(nnx.Module):
+    """A conv, global pooling and a dense head. Stage "conv" is the tensor the head reads;
+    "copy" is recorded beside the computation (`y * 1.0`), so the logit does not depend on it."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(1, 2, (3, 3), rngs=rngs)
+        self.head = nnx.Linear(2, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+        out = {}
+        y = stages.stage(out, "conv", nnx.relu(self.conv(x)))
+        out["copy"] = y * 1.0
+        return self.head(y.mean(axis=(1, 2)))[:, 0], out
+
+
+def test_a_stage_without_gradient_is_refused_and_a_map_without_evidence_is_not():
+    model = _Beside(nnx.Rngs(0))
+    images = _images(2, 8)
+    model.head.kernel[...] = jnp.abs(model.head.kernel[...])
+    graphdef, state = _split(model)
+    for method in gradcam.METHODS:
+        with pytest.raises(ValueError, match=r"^stage 'copy' has no gradient: .* its activation "
+                                             r"does not reach the logit .*stages\.py\)$"):
+            gradcam.cams(graphdef, state, images, layer="copy", method=method)
+        assert np.asarray(gradcam.cams(graphdef, state, images, layer="conv",
+                                       method=method)["maps"]).max() == 1
+    # Every weight negative on activations >= 0: a gradient everywhere, but no positive
+    # evidence, so the maps are blank after the ReLU, as they should be: not refused.
+    model.head.kernel[...] = -model.head.kernel[...]
+    graphdef, state = _split(model)
+    _, _, g = gradcam.activation_gradients(graphdef, state, images, layer="conv")
+    assert (np.asarray(g) < 0).all()
+    out = gradcam.cams(graphdef, state, images, layer="conv")
+    assert not np.asarray(out["raw"]).any() and not np.asarray(out["maps"]).any()
+
+
 @pytest.mark.gpu
 def test_training_ends_with_a_grid_of_each_confusion_cell(restored, trained, synthetic,
                                                           monkeypatch):
@@ -199,10 +237,11 @@ def test_training_ends_with_a_grid_of_each_confusion_cell(restored, trained, syn
     probs[np.flatnonzero(labels == 0)[0]] = 0.9
     probs[labels == 1] = 0.5 + probs[labels == 1] / 2  # no false negative: an empty row
     drawn = {}
-    monkeypatch.setattr(train.plots, "image_grid",
+    monkeypatch.setattr(inference.plots, "image_grid",
                         lambda images, path, **kw: drawn.update(kw, images=images))
-    train.gradcam_grid(config, graphdef, state, source, labels, probs, np.arange(len(labels)),
-                       0.5, trained / "unused.png", per_cell=2)
+    model = inference.Model(config, graphdef, state, 0.5, 0, {})
+    inference.gradcam_grid(model, source, labels, probs, np.arange(len(labels)),
+                           trained / "unused.png", per_cell=2)
     expected, kinds = [], []
     for name, truth, pred in (("TP", 1, True), ("FN", 1, False), ("FP", 0, True),
                               ("TN", 0, False)):
@@ -231,8 +270,9 @@ def test_training_ends_with_a_grid_of_each_confusion_cell(restored, trained, syn
 
 @pytest.fixture(scope="module")
 def phantom_model(tmp_path_factory) -> dict:
-    """experiments/localisation.py's default model: a DeepCNN trained on 320 64 px phantoms
-    (its last stage is 8x8), with its held-out images and their lesion masks."""
+    """The default model of experiments/localisation.py (`localisation.phantom_config`): a
+    DeepCNN trained on 320 64 px phantoms (its last stage is 8x8), with its held-out images
+    and their lesion masks."""
     config = localisation.phantom_config(tmp_path_factory.mktemp("phantoms64"))
     return localisation.trained_model(config, tmp_path_factory.mktemp("localisation"))
 
@@ -295,7 +335,7 @@ def test_deletion_of_salient_pixels_costs_more_than_random_pixels(phantom_model)
                             method=method)["maps"]
         p[method] = {k: np.asarray(v) for k, v in gradcam.deletion(
             m["graphdef"], m["state"], m["images"], maps).items()}
-    r = deletion.summarize(dict(p[gradcam.METHODS[0]], label=m["labels"]))
+    r = gradcam.deletion_summary(dict(p[gradcam.METHODS[0]], label=m["labels"]))
     print(f"\ndeletion on phantoms ({gradcam.METHODS[0]}): {r}")
     sick = r["PNEUMONIA"]
     assert sick["drop_salient"] > sick["drop_random"] + 0.05

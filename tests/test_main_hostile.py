@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumojax import cli, train, workdirs
+from pneumojax import cli, training, workdirs
 from tests.conftest import tiny_config
 from tests.test_resume import ROOT, cli as resume_command
 from tests.test_workdirs import snapshot
@@ -38,6 +38,9 @@ def assert_refused(done: subprocess.CompletedProcess, says: str) -> None:
     (["--config.model.init=imagenet:foo"], "with SOURCE one of keras, torchvision-v1"),
     (["--config.train.batch_size=0"], "train.batch_size=0: must be an integer, at least 1"),
     (["--epochs=3"], "Unknown command line flag 'epochs'"),
+    # Flags are spelled with dashes, as in every CLI here (tests/test_cli.py).
+    (["--num-processes=two"], "flag --num-processes=two: invalid literal for int()"),
+    (["--coordinator_address=h:1"], "Did you mean: coordinator-address ?"),
     (["leftover"], "unexpected arguments leftover"),
 ])
 def test_a_mistake_on_the_command_line_is_one_line_before_any_work(tmp_path, args, says):
@@ -80,7 +83,7 @@ def test_a_workdir_that_cannot_be_written_is_refused(synthetic):
 
 @pytest.mark.slow
 def test_a_workdir_holding_a_run_of_another_config_is_left_as_it_is(synthetic, tmp_path):
-    train.train_and_evaluate(tiny_config(synthetic[0], epochs=1.0), tmp_path)
+    training.train_and_evaluate(tiny_config(synthetic[0], epochs=1.0), tmp_path)
     before = snapshot(tmp_path)
     assert_refused(run_main(*resume_command(tmp_path, synthetic[0])[3:]),
                    f"--workdir {tmp_path} holds a run of another config (train.epochs is 1.0 "
@@ -100,6 +103,6 @@ def test_a_train_split_of_one_class_stops_before_any_step(synthetic, tmp_path):
     c.data.source = f"folder:{tmp_path / 'xrays'}"
     with pytest.raises(cli.UserError, match=r"the prepared train split \(.*\) has no PNEUMONIA "
                                             r"images \(.*'PNEUMONIA': 0.*\); add images of both"):
-        train.train_and_evaluate(c, tmp_path / "run")
+        training.train_and_evaluate(c, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()

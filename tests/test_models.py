@@ -14,7 +14,10 @@ import pytest
 from flax import nnx
 
 from pneumojax import models
+from pneumojax.models import contract
 
+# The built-in architectures' topology, pinned at their default configurations. The contract
+# itself (tests/test_contract.py) and the loops below cover every registered model.
 STAGES = {
     "shallow_cnn": ["block1", "block2", "block3", "pre_logits"],
     "deep_cnn": ["block1", "block2", "block3", "block4", "pre_logits"],
@@ -63,10 +66,9 @@ def ceil_div(n: int, d: int) -> int:
     return -(-n // d)
 
 
-# Every size x channel pair for the CNNs; ResNet50 traces take seconds, so two that cover both.
-CONTRACT_CASES = [(name, size, channels) for name in ("shallow_cnn", "deep_cnn")
-                  for size in [(32, 32), (48, 64)] for channels in (1, 3)]
-CONTRACT_CASES += [("resnet50", (32, 32), 1), ("resnet50", (48, 64), 3)]
+# Two cases that cover both sizes and both channel counts (ResNet50 traces take seconds).
+CONTRACT_CASES = [(name, size, channels) for name in STAGES
+                  for size, channels in [((32, 32), 1), ((48, 64), 3)]]
 
 
 @pytest.mark.parametrize("name,size,channels", CONTRACT_CASES,
@@ -211,22 +213,15 @@ def test_input_standardisation_is_a_constant_not_a_param():
 
 def test_registry():
     assert isinstance(abstract("resnet50"), models.ResNet50)
-    assert set(models.MODELS) == {"shallow_cnn", "deep_cnn", "resnet50"}
-    with pytest.raises(ValueError, match="deep_cnn, resnet50, shallow_cnn"):
+    assert set(STAGES) <= set(models.MODELS)
+    with pytest.raises(ValueError, match=f"unknown model 'vgg16'; valid names: "
+                                         f"{', '.join(sorted(models.MODELS))}"):
         models.create("vgg16", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model name 'resnet50' is taken by ResNet50"):
+        models.register("resnet50")(models.ShallowCNN)
+    assert models.MODELS["resnet50"] is models.ResNet50
     with pytest.raises(ValueError, match="v1.5, v1"):
         models.create("resnet50", variant="v2", rngs=nnx.Rngs(0))
-
-
-def test_max_pool2_matches_xla_values_and_gradients_with_ties_and_odd_sizes():
-    from pneumojax.models.cnn import max_pool2
-    # Small integers make tied maxima common: the gradient must go to the first, as XLA's.
-    x = jnp.asarray(np.random.default_rng(0).integers(0, 4, (2, 7, 9, 3)).astype(np.float32))
-    reference = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))
-    weigh = lambda pool: lambda x: (pool(x) * jnp.arange(1.0, pool(x).size + 1).reshape(
-        pool(x).shape)).sum()
-    np.testing.assert_array_equal(max_pool2(x), reference(x))
-    np.testing.assert_array_equal(jax.grad(weigh(max_pool2))(x), jax.grad(weigh(reference))(x))
 
 
 def test_global_pool_runs_from_the_mean_to_the_max_and_weights_positions_by_softmax():
@@ -250,34 +245,38 @@ def test_global_pool_runs_from_the_mean_to_the_max_and_weights_positions_by_soft
     np.testing.assert_allclose(out, 100.0)
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("shallow_cnn", dict(width=4)),
-    ("deep_cnn", dict(widths=(4, 4, 4, 4), hidden=8)),
-    pytest.param("resnet50", dict(width=4, stage_sizes=(1, 1, 1, 1)), marks=pytest.mark.slow),
-])
-def test_pool_r_sets_every_models_global_pooling(name, kwargs):
-    # 64 px: ResNet's last stage is 2x2 there (1x1 at 32 px, where every pooling agrees).
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_pool_r_sets_every_models_global_pooling(name):
+    # 64 px: a tiny ResNet's last stage is 2x2 there (1x1 at 32 px, where every pooling agrees).
     x = np.random.default_rng(2).uniform(size=(2, 64, 64, 1)).astype(np.float32)
+    kwargs = getattr(models.MODELS[name], "TINY_KWARGS", {})
     pooled = {}
     for r in (0.0, 10.0):
-        model = models.create(name, pool_r=r, rngs=nnx.Rngs(0), **kwargs)
+        model = contract.instance(name, pool_r=r, **kwargs)  # the same weights for both
         model.eval()
-        _, inter = model(x)
-        last = inter[STAGES[name][-2]]
-        features = models.cnn.global_pool(last, r)
-        if name == "deep_cnn":
-            features = nnx.relu(model.hidden(features))
-        np.testing.assert_allclose(inter["pre_logits"], features, rtol=1e-6)
-        pooled[r] = features
+        _, inter, _ = jit_forward(*nnx.split(model), x)
+        pooled[r] = inter["pre_logits"]
     assert not np.allclose(pooled[0.0], pooled[10.0])  # same weights, another pooling
     with pytest.raises(ValueError, match="pool_r must be >= 0"):
-        models.create(name, pool_r=-1.0, rngs=nnx.Rngs(0), **kwargs)
+        nnx.eval_shape(lambda: models.create(name, pool_r=-1.0, rngs=nnx.Rngs(0), **kwargs))
+
+
+@pytest.mark.parametrize("name,kwargs", [("shallow_cnn", dict(width=4)), (
+    "resnet50", dict(width=4, stage_sizes=(1, 1, 1, 1))), ("deep_cnn", dict(widths=(4,) * 4))])
+def test_pre_logits_is_the_global_pool_of_the_last_stage(name, kwargs):
+    x = np.random.default_rng(2).uniform(size=(2, 64, 64, 1)).astype(np.float32)
+    model = contract.instance(name, pool_r=10.0, **kwargs)
+    model.eval()
+    _, inter, _ = jit_forward(*nnx.split(model), x)
+    features = models.cnn.global_pool(inter[STAGES[name][-2]], 10.0)
+    if name == "deep_cnn":  # its dense head's hidden layer reads the pool
+        features = nnx.relu(model.hidden(features))
+    np.testing.assert_allclose(inter["pre_logits"], features, rtol=1e-5, atol=1e-6)
 
 
 def test_the_lesion_head_scores_cells_and_pools_them_into_the_logit():
     x = np.random.default_rng(3).uniform(size=(2, 32, 32, 1)).astype(np.float32)
-    model = models.create("deep_cnn", widths=(4, 8), head="lesion", pool_r=10.0,
-                          rngs=nnx.Rngs(0))
+    model = contract.instance("deep_cnn", widths=(4, 8), head="lesion", pool_r=10.0)
     model.eval()
     logits, inter = model(x)
     cells = inter["lesion_logits"]
@@ -286,6 +285,9 @@ def test_the_lesion_head_scores_cells_and_pools_them_into_the_logit():
     np.testing.assert_allclose(cells, expected, rtol=1e-6)
     np.testing.assert_allclose(logits, models.cnn.global_pool(cells[..., None], 10.0)[:, 0],
                                rtol=1e-6)
+    # pre_logits is on the path: the pooled cell score, of which the logit is the one column
+    assert list(inter) == ["block1", "block2", "lesion_logits", "pre_logits"]
+    np.testing.assert_array_equal(inter["pre_logits"][:, 0], logits)
     assert not hasattr(model, "hidden")  # no dense head to train or to misread
     with pytest.raises(ValueError, match="unknown head 'mlp'; valid: dense, lesion"):
         models.create("deep_cnn", head="mlp", rngs=nnx.Rngs(0))

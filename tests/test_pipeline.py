@@ -1,11 +1,14 @@
 """grain batches and the device-resident path, on the tiny synthetic set."""
 
 import collections
+from importlib import metadata
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 
 from pneumojax import data
 from pneumojax.data import augment
@@ -36,8 +39,18 @@ def test_train_batches_are_seeded_and_cover_each_epoch(train_source):
     assert first != second  # and each epoch is a new order
 
 
+@pytest.fixture
+def absl_flags_parsed():
+    """What an entry point does (absl.app): grain's worker processes read absl flags."""
+    parsed = flags.FLAGS.is_parsed()
+    flags.FLAGS.mark_as_parsed()
+    yield
+    if not parsed:
+        flags.FLAGS.unparse_flags()
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_iterator_state_round_trips(train_source, workers):
+def test_iterator_state_round_trips(train_source, workers, absl_flags_parsed):
     ds = data.train_dataset(train_source, batch_size=4, seed=7, num_workers=workers)
     it = iter(ds)
     for _ in range(5):
@@ -47,6 +60,16 @@ def test_iterator_state_round_trips(train_source, workers):
     restored = iter(data.train_dataset(train_source, batch_size=4, seed=7, num_workers=workers))
     restored.set_state(state)
     assert [_keys(next(restored)) for _ in range(4)] == expected
+
+
+@pytest.mark.skipif(metadata.version("grain") != "0.2.18", reason="grain#1355 is fixed after")
+def test_workers_without_absl_flags_get_the_fix_and_the_library_parses_none(train_source):
+    with mock.patch.object(flags.FlagValues, "is_parsed", return_value=False):
+        with pytest.raises(RuntimeError, match=r"absl.flags.FLAGS\(sys.argv\[:1\]\)"):
+            data.train_dataset(train_source, batch_size=4, seed=0, num_workers=1)
+    if not flags.FLAGS.is_parsed():
+        next(iter(data.train_dataset(train_source, batch_size=4, seed=0)))
+        assert not flags.FLAGS.is_parsed()
 
 
 def test_hosts_together_make_the_global_batch(train_source):

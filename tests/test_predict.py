@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumojax import cli, gradcam, plots, predict, train
+from pneumojax import cli, gradcam, inference, plots, predict, workdirs
 from pneumojax.data import images
 from tests.test_images import _dicom
 
@@ -92,16 +92,16 @@ def test_only_regular_files_are_opened(tmp_path, monkeypatch, no_hang):
                          (tmp_path, "a folder without image files"),
                          (tmp_path / "broken.png", "cannot read file (No such file")):
         with pytest.raises(images.ImageError, match=re.escape(reason)):
-            predict.read_file(path)
+            inference.read_file(path)
 
 
 def test_a_regular_file_is_read_up_to_the_size_limit(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(b"x" * 100)
     (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
-    assert predict.read_file(tmp_path / "link.png") == b"x" * 100
+    assert inference.read_file(tmp_path / "link.png") == b"x" * 100
     monkeypatch.setattr(images, "MAX_BYTES", 99)
     with pytest.raises(images.ImageError, match="too large"):
-        predict.read_file(tmp_path / "a.png")
+        inference.read_file(tmp_path / "a.png")
 
 
 def test_no_image_among_the_paths_is_one_line(trained, tmp_path, capsys):
@@ -120,7 +120,7 @@ def test_a_wrong_method_or_layer_is_one_line_with_the_choices(trained, tmp_path,
     assert cli.run(predict.main, [*base, "--layer", "nosuch"]) == 2
     line = _error_line(capsys)
     assert "--layer 'nosuch'" in line
-    assert gradcam.config_layer(train.load_config(trained)) in line
+    assert gradcam.config_layer(workdirs.load_config(trained)) in line
     assert cli.run(predict.main, [*base, "--method", "nosuch"]) == 2
     assert f"valid: {', '.join(gradcam.METHODS)}" in _error_line(capsys)
     assert capsys.readouterr().out == ""  # refused before any image was read

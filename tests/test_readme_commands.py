@@ -1,10 +1,14 @@
-"""Every command README.md gives runs as written, with its defaults, at small sizes.
+"""Every command README.md and docs/ give runs as written, with its defaults, at small sizes.
 
-Each command in the README's bash blocks must match one rule below: either how to run it here
-(PATH and the other placeholders become a small folder of phantoms in the Kaggle layout, and
-only what the command lets a user shrink is shrunk: counts, epochs, seconds, where output goes)
-and what must come out, or why CI cannot run it and which test covers it instead. A command
-added to the README without a rule fails `test_every_readme_command_has_a_rule`.
+Each command in their bash blocks must match one rule below: either how to run it here (PATH
+and the other placeholders become a small folder of phantoms in the Kaggle layout, and only
+what the command lets a user shrink is shrunk: counts, epochs, seconds, where output goes) and
+what must come out, or why CI cannot run it and which test covers it instead. A command added
+without a rule fails `test_every_readme_command_has_a_rule`; a rule no command uses fails
+`test_every_rule_matches_a_command`. The commands CI does not run still name programs and flags
+that exist (`test_docs_commands_use_programs_and_flags_that_exist`). The pages themselves are
+checked too: every docs/ page linked from the README, every relative link resolving, no
+development machine's path, and experiments/results/README.md naming every file there.
 """
 
 from __future__ import annotations
@@ -24,18 +28,24 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+         ROOT / "experiments" / "results" / "README.md"]
+
+
+def page_commands(page: pathlib.Path) -> list[str]:
+    """The commands of a page's bash blocks: continuation lines joined, comments dropped, and
+    `a && b` split into its two commands."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.split(r"\s#\s", line)[0].strip()
+            commands += [" ".join(c.split()) for c in line.split(" && ") if c.strip()]
+    return commands
 
 
 def readme_commands() -> list[str]:
-    """The commands of README.md's bash blocks, continuation lines joined, comments dropped."""
-    text = (ROOT / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.split(r"\s#\s", line)[0].strip()
-            if line:
-                commands.append(" ".join(line.split()))
-    return commands
+    """Every command of README.md and the pages it links to, once each, in order."""
+    return list(dict.fromkeys(c for page in PAGES for c in page_commands(page)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +60,12 @@ class Rule:
 # {tmp}: the test's folder; PATH/chest_xray: phantoms there; workdirs/ and DIR: its own workdirs.
 RULES = [
     Rule(r"python -m pip install .*", not_run="installation: .ci/run does it"),
-    Rule(r"python -m pytest", not_run="this very suite"),
+    Rule(r'python -m pytest( -m "not slow")?', not_run="this very suite"),
+    Rule(r"tensorboard --logdir workdirs", not_run="TensorBoard is not a dependency; "
+         "tests/test_tensorboard.py reads the event files back"),
     Rule(r"srun python -m pneumojax\.main .*", not_run="a SLURM cluster; tests/test_distributed.py"
          " runs two hosts on this machine"),
-    Rule(r"python -m pneumojax\.main .*--coordinator_address=host0:1234 .*",
+    Rule(r"python -m pneumojax\.main .*--coordinator-address=host0:1234 .*",
          not_run="a cluster of 4 hosts; tests/test_distributed.py runs two on this machine"),
     Rule(r"python -m pneumojax\.main --config configs/resnet50\.py:demo",
          ("--config.data.synthetic_count=48", "--config.train.epochs=1",
@@ -92,7 +104,7 @@ RULES = [
 
 def rule_for(command: str) -> Rule:
     matches = [r for r in RULES if re.fullmatch(r.pattern, command)]
-    assert len(matches) == 1, f"README command {command!r} matches {len(matches)} rules"
+    assert len(matches) == 1, f"the command {command!r} matches {len(matches)} rules"
     return matches[0]
 
 
@@ -101,6 +113,102 @@ def test_every_readme_command_has_a_rule():
     assert len(commands) > 10
     for command in commands:
         rule_for(command)
+
+
+def test_every_rule_matches_a_command():
+    """A rule that no page's command matches any more hides a command that was dropped."""
+    commands = readme_commands()
+    unused = [r.pattern for r in RULES if not any(re.fullmatch(r.pattern, c) for c in commands)]
+    assert not unused, f"rules without a command: {unused}"
+
+
+def _sources(command: str) -> list[pathlib.Path] | None:
+    """The source files of the program a command runs (None: not ours, e.g. pip or pytest)."""
+    words = shlex.split(command.removeprefix("srun "))
+    if words[:2] == ["python", "-m"] and words[2].startswith("pneumojax."):
+        module = ROOT.joinpath(*words[2].split("."))
+        return sorted(module.glob("*.py")) if module.is_dir() else [module.with_suffix(".py")]
+    if words[0] in ("python", "bash") and words[1].startswith("experiments/"):
+        script = ROOT / words[1]
+        return [script, *[p for p in [script.with_suffix(".py")] if p != script and p.exists()]]
+    return None
+
+
+def test_docs_commands_use_programs_and_flags_that_exist():
+    """The commands CI does not run (studies of hours, clusters) must still name a program that
+    exists and flags it defines: a renamed flag or script is caught here, not by a reader."""
+    checked = 0
+    for command in readme_commands():
+        files = _sources(command)
+        if files is None:
+            continue
+        missing = [str(f.relative_to(ROOT)) for f in files if not f.exists()]
+        assert not missing, f"{command}: no {missing}"
+        text = "".join(f.read_text() for f in files)
+        for flag in re.findall(r"(?<!\S)--([a-z][\w.-]*)", command):
+            name = flag.split("=")[0]
+            if name.startswith("config."):  # a config field: the runnable commands check those
+                continue
+            spellings = {f'"--{name}"', f'"{name}"', f'"{name.replace("-", "_")}"'}
+            assert any(s in text for s in spellings), f"{command}: --{name} is not defined"
+        checked += 1
+    assert checked > 20
+
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    assert DOCS
+    unlinked = [p.name for p in DOCS if f"](docs/{p.name}" not in readme]
+    assert not unlinked, f"docs/ pages the README does not link to: {unlinked}"
+
+
+def _anchors(page: pathlib.Path) -> set[str]:
+    """GitHub's anchors of a page's headings (outside code blocks)."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_docs_relative_links_resolve():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists() or (anchor and dest.suffix == ".md"
+                                     and anchor not in _anchors(dest)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+
+
+def _docstring(path: pathlib.Path) -> str:
+    import ast
+    return ast.get_docstring(ast.parse(path.read_text())) or ""
+
+
+def test_docs_name_no_development_machine_path():
+    """Pages, configs and docstrings write PATH/chest_xray, never where a developer's data lay."""
+    texts = {p: p.read_text() for p in PAGES}
+    texts |= {p: _docstring(p) for d in ("pneumojax", "configs", "experiments")
+              for p in (ROOT / d).rglob("*.py")}
+    texts |= {p: p.read_text() for p in (ROOT / "configs").glob("*.py")}
+    found = [str(p.relative_to(ROOT)) for p, t in texts.items()
+             if re.search(r"\.\./shared|shared/data|/work/", t)]
+    assert not found, f"a development machine's path in {found}: write PATH/chest_xray"
+
+
+def test_docs_results_readme_names_every_results_file():
+    folder = ROOT / "experiments" / "results"
+    text = (folder / "README.md").read_text()
+    unnamed = [p.name for p in sorted(folder.iterdir())
+               if p.name != "README.md" and not p.name.startswith(".")
+               and f"`{p.name}`" not in text]
+    assert not unnamed, f"experiments/results/README.md does not say what {unnamed} are"
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,19 @@
 ImageNet row skipped with its reason, `val` scored, `test` never read, finished runs reused."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import reproduce
 from pneumojax import data as pdata
-from pneumojax import train
-from pneumojax.data import synthetic
+from pneumojax.data import builder, synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = ["data.image_size=32", "data.validation_fraction=0.25", "train.batch_size=8",
         "train.eval_batch_size=16", "train.epochs=1", "shallow_cnn:model.kwargs.width=4",
@@ -30,21 +34,37 @@ def _folder(root):
                 Image.fromarray(image[..., 0]).save(root / split / cls / name)
 
 
+def _reproduce(argv, env):
+    """`python experiments/reproduce.py ARGV`, as a user runs it: (exit status, output)."""
+    proc = subprocess.run([sys.executable, "experiments/reproduce.py", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _files(root):
+    """Every file under `root` with its modification time: what a run would change."""
+    return {str(f): f.stat().st_mtime_ns for f in root.rglob("*") if f.is_file()}
+
+
 @pytest.mark.slow  # trains two models
-def test_the_table_is_written_and_finished_runs_are_reused(tmp_path, monkeypatch):
+def test_the_table_is_written_and_finished_runs_are_reused(tmp_path):
     _folder(tmp_path / "xray")
-    monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path / "cache"))  # no ImageNet weights
-    read = []
-    real_source = pdata.data_source
-    monkeypatch.setattr(pdata, "data_source",
-                        lambda name, split, **kw: read.append(split) or real_source(name, split,
-                                                                                    **kw))
+    env = dict(os.environ, PNEUMOJAX_CACHE=str(tmp_path / "cache"))  # no ImageNet weights
+    # Prepared as the rows' configs ask (the same settings, so reproduce reuses it), then its
+    # `test` split deleted: a run that read it would fail.
+    prepared = pdata.prepare(f"folder:{tmp_path / 'xray'}", data_dir=tmp_path / "tfds",
+                             image_size=32, validation_fraction=0.25)["name"]
+    build = builder.dataset_dir(tmp_path / "tfds", prepared).resolve()
+    held_out = list(build.glob("*-test.*"))
+    assert held_out
+    for f in held_out:
+        f.unlink()
     argv = ["--source", f"folder:{tmp_path / 'xray'}", "--cpu",
             "--rows", "shallow_cnn,deep_cnn,resnet50_imagenet",
             "--workdir-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
             "--set", f"data.data_dir={tmp_path / 'tfds'}"] + [a for t in TINY for a in ("--set", t)]
-    assert reproduce.main(argv) == 0
-    assert "test" not in read and {"train", "validation", "val"} <= set(read)
+    rc, output = _reproduce(argv, env)
+    assert rc == 0, output
 
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     rows = {r["name"]: r for r in table["rows"]}
@@ -75,9 +95,11 @@ def test_the_table_is_written_and_finished_runs_are_reused(tmp_path, monkeypatch
                  "Cell 172(5):1122-1131", "Scientific Data 10:41"):
         assert text in md
 
-    # Again: nothing trains, the wall times of the first run stay.
-    monkeypatch.setattr(train, "train_and_evaluate", lambda *a: pytest.fail("retrained"))
-    assert reproduce.main(argv) == 0
+    # Again: nothing trains (no file of the runs changes), the wall times of the first run stay.
+    trained = _files(tmp_path / "runs")
+    rc, output = _reproduce(argv, env)
+    assert rc == 0, output
+    assert _files(tmp_path / "runs") == trained
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     again = {r["name"]: r for r in table["rows"]}
     for name in ("shallow_cnn", "deep_cnn"):
@@ -86,4 +108,6 @@ def test_the_table_is_written_and_finished_runs_are_reused(tmp_path, monkeypatch
     assert "(reused)" in (tmp_path / "out" / "table.md").read_text()
 
     # A finished workdir of another config is an error before anything runs, not a mixed run.
-    assert reproduce.main(argv + ["--set", "train.epochs=2"]) == 2
+    rc, output = _reproduce(argv + ["--set", "train.epochs=2"], env)
+    assert rc == 2 and "--retrain" in output, output
+    assert _files(tmp_path / "runs") == trained

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from pneumojax import checkpoint, train
+from pneumojax import checkpoint, training
 from tests.conftest import SYNTHETIC_COUNT, SYNTHETIC_SIZE, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_resumes_bit_identically(
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes(
         synthetic, tmp_path, damage, capsys):
     config = tiny_config(synthetic[0], epochs=1.0)  # 5 steps, checkpoints at 3 and 5
-    train.train_and_evaluate(config, tmp_path)
+    training.train_and_evaluate(config, tmp_path)
     last, intact = final_state(tmp_path)
     state = tmp_path / "checkpoints" / str(last) / "state"
     if damage == "truncated":
@@ -159,7 +159,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_resumes(
         for file in (state / "d").iterdir():
             file.unlink()
     capsys.readouterr()
-    train.train_and_evaluate(config, tmp_path)
+    training.train_and_evaluate(config, tmp_path)
     said = [line for line in capsys.readouterr().out.splitlines() if "resumed" in line]
     assert len(said) == 1 and said[0].startswith(
         f"unreadable checkpoints set aside: step {last} (now {last}.unreadable: ")

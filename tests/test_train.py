@@ -5,40 +5,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from flax import nnx
 
-from pneumojax import checkpoint, data, train
+from pneumojax import checkpoint, data, inference, losses, tensorboard, training, workdirs
 from pneumojax.data import builder
+from pneumojax.training import step
 from tests.conftest import tiny_config
-
-
-def test_weighted_bce_matches_the_formula():
-    logits, labels = jnp.array([2.0, -1.0, 0.5]), jnp.array([1, 0, 0])
-    w = jnp.array([3.0, 1.0])  # NORMAL weighs three times PNEUMONIA
-    per = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
-    expected = (1 * per[0] + 3 * per[1] + 3 * per[2]) / 7
-    np.testing.assert_allclose(train.weighted_bce(logits, labels, w), expected, rtol=1e-6)
-    smoothed = train.weighted_bce(logits, labels, w, smoothing=0.2)
-    targets = jnp.array([0.9, 0.1, 0.1])
-    per = optax.sigmoid_binary_cross_entropy(logits, targets)
-    np.testing.assert_allclose(smoothed, (per[0] + 3 * per[1] + 3 * per[2]) / 7, rtol=1e-6)
-
-
-def test_lesion_loss_fits_cell_scores_to_the_share_of_each_cell_in_the_masks():
-    masks = np.zeros((1, 8, 8, 1), np.float32)
-    masks[0, :4, :2] = 1.0  # the top-left 4x4 cell half covered, the rest clear
-    share = np.array([[[0.5, 0.0], [0.0, 0.0]]], np.float32)
-    cells = jnp.asarray(np.log(share + 0.01) - np.log(1.01 - share))  # any logits will do
-    expected = optax.sigmoid_binary_cross_entropy(cells, share).mean()
-    np.testing.assert_allclose(train.lesion_loss({"lesion_logits": cells}, masks), expected,
-                               rtol=1e-6)
-    with pytest.raises(ValueError, match="head='lesion'"):
-        train.lesion_loss({"block2": jnp.zeros((1, 2, 2, 4))}, masks)
-    with pytest.raises(ValueError, match=r"\(8, 8\) px do not tile a 3x3 grid"):
-        train.lesion_loss({"lesion_logits": jnp.zeros((1, 3, 3))}, masks)
 
 
 @pytest.mark.slow
@@ -48,36 +22,36 @@ def test_lesion_supervision_trains_the_cells_on_the_masks(synthetic, tmp_path):
                               with_lesion_mask=True)
     x = jnp.asarray(np.stack([e["image"] for e in source]), jnp.float32) / 255
     masks = np.stack([e["lesion_mask"] for e in source]).astype(np.float32)
-    losses = {}
+    fitted = {}
     for weight in (0.0, 10.0):
         c = tiny_config(synthetic[0], lesion_weight=weight, epochs=4.0, learning_rate=1e-2)
         c.model.name = "deep_cnn"
         c.model.kwargs = dict(widths=(4, 8), head="lesion", pool_r=10.0)
-        train.train_and_evaluate(c, tmp_path / str(weight))
-        _, graphdef, state, _, _ = train.restore(tmp_path / str(weight), "latest")
-        losses[weight] = float(train.lesion_loss(
-            nnx.merge(graphdef, state["params"], state["rest"])(x)[1], masks))
+        training.train_and_evaluate(c, tmp_path / str(weight))
+        model = inference.load(tmp_path / str(weight), "latest")
+        fitted[weight] = float(losses.lesion_loss(
+            nnx.merge(model.graphdef, model.state["params"], model.state["rest"])(x)[1], masks))
         logged = [json.loads(line) for line in
                   (tmp_path / str(weight) / "metrics.jsonl").read_text().splitlines()]
         assert all(("lesion_loss" in r) == (weight > 0) for r in logged if r["split"] == "train")
-    assert losses[10.0] < 0.7 * losses[0.0], losses  # 0.31 against 0.51 when written
+    assert fitted[10.0] < 0.7 * fitted[0.0], fitted  # 0.31 against 0.51 when written
     c.data.source = "medmnist"
     with pytest.raises(ValueError, match="only the synthetic source has, not 'medmnist'"):
-        train.train_and_evaluate(c, tmp_path / "medmnist")
+        training.train_and_evaluate(c, tmp_path / "medmnist")
 
 
 def test_class_weights_invert_the_train_frequencies():
-    w = train.class_weights({"NORMAL": 25, "PNEUMONIA": 75}, True)
+    w = step.class_weights({"NORMAL": 25, "PNEUMONIA": 75}, True)
     np.testing.assert_allclose(w, [2.0, 2 / 3])
-    np.testing.assert_allclose(train.class_weights({"NORMAL": 1, "PNEUMONIA": 3}, False), [1, 1])
+    np.testing.assert_allclose(step.class_weights({"NORMAL": 1, "PNEUMONIA": 3}, False), [1, 1])
     with pytest.raises(ValueError, match="lacks a class"):
-        train.class_weights({"NORMAL": 0, "PNEUMONIA": 3}, True)
+        step.class_weights({"NORMAL": 0, "PNEUMONIA": 3}, True)
 
 
 @pytest.mark.gpu
 def test_a_run_writes_everything_a_user_looks_at(synthetic, tmp_path):
     c = tiny_config(synthetic[0])
-    state = train.train_and_evaluate(c, tmp_path)
+    state = training.train_and_evaluate(c, tmp_path)
     splits = builder.load_report(*synthetic)["splits"]
     steps = 2 * (sum(splits["train"].values()) // 8)
     assert int(state["step"]) == steps
@@ -97,6 +71,14 @@ def test_a_run_writes_everything_a_user_looks_at(synthetic, tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
     assert ckpt.resolve("best") == summary["best_step"] and ckpt.latest_step() == steps
     assert ckpt.meta(summary["best_step"])["threshold"] == summary["threshold"]
+    scalars = tensorboard.read_scalars(tmp_path / "tensorboard")  # the same records
+    for r in records:
+        for name in ("loss", "learning_rate", "images_per_s", "roc_auc", "accuracy"):
+            if name in r:
+                assert (r["step"], pytest.approx(r[name])) in scalars[f"{r['split']}/{name}"]
+    images = [v for e in tensorboard.read_events(tmp_path / "tensorboard")
+              for v in e.summary.value if v.HasField("image")]
+    assert [v.tag for v in images] == ["validation/gradcam"]
 
 
 @pytest.mark.gpu
@@ -104,16 +86,16 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
         synthetic, tmp_path, monkeypatch):
     import shutil
     c = tiny_config(synthetic[0])
-    train.train_and_evaluate(c, tmp_path)
+    training.train_and_evaluate(c, tmp_path)
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
     final, last = ckpt.steps()[-1], ckpt.steps()[-2]
     before = ckpt.meta(last)
     ckpt.close()
     shutil.rmtree(tmp_path / "checkpoints" / str(final))  # as if killed before the last save
-    monkeypatch.setattr(train, "weighted_bce", lambda *a, **k: jnp.float32(jnp.nan))
+    monkeypatch.setitem(losses.LOSSES, "bce", lambda *a, **k: jnp.float32(jnp.nan))
     with pytest.raises(FloatingPointError,
                        match=f"non-finite training loss at step {last + 1}.*step {last}"):
-        train.train_and_evaluate(c, tmp_path)
+        training.train_and_evaluate(c, tmp_path)
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
     assert ckpt.latest_step() == last and ckpt.meta(last) == before
 
@@ -123,12 +105,12 @@ def test_the_device_resident_path_trains_and_resumes(synthetic, tmp_path):
     import shutil
     c = tiny_config(synthetic[0])
     c.data.device_resident = True
-    full = train.train_and_evaluate(c, tmp_path)
+    full = training.train_and_evaluate(c, tmp_path)
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True)
     last, earlier = ckpt.steps()[-1], ckpt.steps()[-2]
     ckpt.close()
     shutil.rmtree(tmp_path / "checkpoints" / str(last))  # as if killed before the last save
-    resumed = train.train_and_evaluate(c, tmp_path)
+    resumed = training.train_and_evaluate(c, tmp_path)
     assert earlier < last and int(resumed["step"]) == int(full["step"]) == last
     for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"])):
         np.testing.assert_array_equal(a, b)  # the batch order depends only on (seed, step)
@@ -137,7 +119,21 @@ def test_the_device_resident_path_trains_and_resumes(synthetic, tmp_path):
 def test_an_old_config_gets_new_defaults_and_loads_outside_a_checkout(tmp_path, monkeypatch):
     import sys
     (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "resnet50"}}))
-    c = train.load_config(tmp_path)
+    c = workdirs.load_config(tmp_path)
     assert c.model.name == "resnet50" and c.train.freeze == "none"  # a field added later
     monkeypatch.setitem(sys.modules, "configs", None)  # as when run outside the repository
-    assert train.load_config(tmp_path).model.name == "resnet50"
+    monkeypatch.chdir(tmp_path)
+    assert workdirs.load_config(tmp_path).to_dict() == c.to_dict()  # the same, defaults too
+
+
+def test_the_train_step_builds_on_its_own_to_call_or_lower(synthetic):
+    c = tiny_config(synthetic[0])
+    train_step, state = step.build(c, steps_per_epoch=5)
+    batch = {"image": jnp.zeros((8, 32, 32, 1), jnp.uint8), "label": jnp.array([0, 1] * 4)}
+    assert "stablehlo" in train_step.lower(state, batch).as_text()
+    before = jax.device_get(state["params"])
+    new, metrics = train_step(*train_step(state, batch)[:1], batch)  # step 0's rate is 0: warm-up
+    assert int(new["step"]) == 2 and np.isfinite(float(metrics["loss"]))
+    changed = jax.tree.map(lambda a, b: bool((a != b).any()), before,
+                           jax.device_get(new["params"]))
+    assert all(jax.tree.leaves(changed))  # every parameter trained

@@ -1,4 +1,5 @@
-"""Freezing, progressive unfreezing and discriminative learning rates on a narrow ResNet50."""
+"""Freezing, progressive unfreezing and discriminative learning rates on a narrow ResNet50,
+and the groups every registered model declares."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import resnet50
-from pneumojax import models, train, transfer
+from configs import common, resnet50
+from pneumojax import models, transfer
+from pneumojax.training import step as steps
 
 
 def config(**train_overrides):
@@ -22,7 +24,7 @@ def config(**train_overrides):
 @pytest.fixture(scope="module")
 def built():
     c = config()
-    _, _, state = train.build(c)
+    _, state = steps.init_model(c)
     return c, state
 
 
@@ -30,10 +32,10 @@ def step_with(c, state, frozen, lr_multipliers=None):
     """One jitted train step; returns (new state, the step's jaxpr)."""
     if lr_multipliers:
         c = config(lr_multipliers=lr_multipliers)
-    tx, _ = train.make_optimizer(c, 10, 100)
+    tx, _ = steps.make_optimizer(c, 10, 100)
     trainable, _ = transfer.split(state["params"], frozen)
     s = dict(state, opt_state=tx.init(trainable), step=jnp.int32(0))
-    step = train.make_train_step(train.train_graphdef(c, frozen), tx, c, jnp.ones(2), frozen)
+    step = steps.make_train_step(steps.train_graphdef(c, frozen), tx, c, jnp.ones(2), frozen)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 255, (4, 32, 32, 1), dtype=np.uint8))
     labels = jnp.asarray([0, 1, 0, 1])
@@ -55,13 +57,26 @@ def test_frozen_groups_per_mode_and_epoch():
     assert transfer.frozen_groups(config(freeze="none"), 0) == frozenset()
     assert "stage4" in transfer.frozen_groups(config(freeze="backbone"), 99)
     c = config(freeze="progressive", unfreeze_epochs=(1, 2, 3, 4, 5))
-    assert transfer.frozen_groups(c, 0.5) == {"stem", "stage1", "stage2", "stage3", "stage4",
-                                              "backbone"}
-    assert transfer.frozen_groups(c, 1.0) == {"stem", "stage1", "stage2", "stage3", "backbone"}
-    assert transfer.frozen_groups(c, 4.2) == {"stem", "backbone"}
-    assert transfer.frozen_groups(c, 5.0) == {"backbone"}  # no such group in a ResNet: all train
+    assert transfer.frozen_groups(c, 0.5) == {"stem", "stage1", "stage2", "stage3", "stage4"}
+    assert transfer.frozen_groups(c, 1.0) == {"stem", "stage1", "stage2", "stage3"}
+    assert transfer.frozen_groups(c, 4.2) == {"stem"}
+    assert transfer.frozen_groups(c, 5.0) == frozenset()  # all train
     with pytest.raises(ValueError, match="freeze='sometimes'"):
         transfer.frozen_groups(config(freeze="sometimes"), 0)
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_every_model_freezes_all_but_its_head_and_thaws_its_own_order(name):
+    cls = models.MODELS[name]
+    c = common.get_config()
+    c.model.name = name
+    c.train.update(freeze="backbone", unfreeze_epochs=(1, 2, 3, 4, 5))
+    backbone = set(cls.TRANSFER_GROUPS.values()) - {"head"}
+    assert transfer.frozen_groups(c, 99) == backbone
+    c.train.freeze = "progressive"
+    order = cls.UNFREEZE_ORDER
+    for thawed in range(len(order) + 1):  # the head alone, then one more group each epoch
+        assert transfer.frozen_groups(c, thawed + 0.5) == backbone - set(order[:thawed])
 
 
 @pytest.mark.slow
@@ -86,6 +101,8 @@ def test_progressive_stage_trains_only_what_is_thawed(built):
     frozen = transfer.frozen_groups(config(freeze="progressive"), 1.5)  # stage4 thawed
     new, _ = step_with(c, state, frozen)
     assert groups_changed(state["params"], new["params"]) == {"stage4", "head"}
+    # batch norm of the thawed stage trains (running statistics move), the frozen ones do not
+    assert groups_changed(state["rest"], new["rest"]) == {"stage4"}
 
 
 @pytest.mark.slow
@@ -96,12 +113,12 @@ def test_discriminative_learning_rates_scale_each_group(built):
     assert groups_changed(state["params"], new["params"]) == {"stage2", "stage3", "stage4",
                                                               "head"}
     with pytest.raises(ValueError, match="unknown groups"):
-        train.make_optimizer(config(lr_multipliers={"stage9": 1.0}), 10, 100)
+        steps.make_optimizer(config(lr_multipliers={"stage9": 1.0}), 10, 100)
 
 
 def test_graft_keeps_the_moments_of_groups_that_stay_trainable(built):
     c, state = built
-    tx, _ = train.make_optimizer(c, 10, 100)
+    tx, _ = steps.make_optimizer(c, 10, 100)
     head_only = transfer.frozen_groups(config(freeze="backbone"), 0)
     old = tx.init(transfer.split(state["params"], head_only)[0])
     old = jax.tree.map(lambda x: x + 7, old)  # recognisable values
@@ -114,11 +131,53 @@ def test_graft_keeps_the_moments_of_groups_that_stay_trainable(built):
     assert fresh and all((np.asarray(x) == 0).all() for x in fresh)
 
 
-@pytest.mark.parametrize("head,names", [("dense", {"hidden", "head"}), ("lesion", {"lesion"})])
-def test_every_deep_cnn_head_is_the_head_group(head, names):
-    model = models.create("deep_cnn", widths=(4, 8), head=head, rngs=nnx.Rngs(0))
-    params = nnx.state(model, nnx.Param)
+def declared_variants() -> list:
+    """(name, kwargs) of every registered model, small, and again with its LESION_KWARGS."""
+    variants = []
+    for name, cls in models.MODELS.items():
+        tiny = dict(getattr(cls, "TINY_KWARGS", {}))
+        variants.append(pytest.param(name, tiny, id=name))
+        if getattr(cls, "LESION_KWARGS", None) is not None:
+            variants.append(pytest.param(name, {**tiny, **cls.LESION_KWARGS}, id=f"{name}-lesion"))
+    return variants
+
+
+@pytest.mark.parametrize("name,kwargs", declared_variants())
+def test_every_parameter_is_in_the_group_its_model_declares(name, kwargs):
+    model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), **kwargs))
+    declared = models.MODELS[name].TRANSFER_GROUPS
     grouped = {}
-    for path, _ in jax.tree_util.tree_leaves_with_path(params):
+    for path, _ in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        assert transfer.group(path) == declared[path[0].key]
         grouped.setdefault(transfer.group(path), set()).add(path[0].key)
-    assert grouped == {"backbone": {"blocks"}, "head": names}
+    assert set(grouped) == set(declared.values())  # no declared group is empty
+
+
+def test_freeze_backbone_trains_the_lesion_head():  # it was once left out, and froze by mistake
+    model = nnx.eval_shape(lambda: models.create("deep_cnn", widths=(4, 8), head="lesion",
+                                                 rngs=nnx.Rngs(0)))
+    c = common.get_config()
+    c.model.name, c.train.freeze = "deep_cnn", "backbone"
+    trainable, _ = transfer.split(nnx.state(model, nnx.Param), transfer.frozen_groups(c, 0))
+    assert set(trainable) == {"lesion"}
+
+
+@pytest.mark.parametrize("name,kwargs", declared_variants())
+def test_frozen_groups_run_batch_norm_in_inference_mode_and_nothing_else(name, kwargs):
+    model = nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), **kwargs))
+    model.train()
+    c = common.get_config()
+    c.model.name, c.train.freeze = name, "backbone"
+    frozen = transfer.frozen_groups(c, 0)
+    transfer.freeze_batch_norm(model, frozen)
+    declared = models.MODELS[name].TRANSFER_GROUPS
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.BatchNorm):
+            assert module.use_running_average is (declared[path[0]] in frozen), path
+        if isinstance(module, nnx.Dropout):  # the head's dropout keeps training
+            assert module.deterministic is False, path
+
+
+def test_a_parameter_outside_every_declared_group_is_refused():
+    with pytest.raises(ValueError, match="'extra' are in no transfer group; declare 'extra'"):
+        transfer.group((jax.tree_util.DictKey("extra"), jax.tree_util.DictKey("kernel")))

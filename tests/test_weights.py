@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumojax import cli, train, weights
+from pneumojax import cli, weights
+from pneumojax.training import step
 from pneumojax.weights.__main__ import main
 from pneumojax.weights import convert
 from tests.test_transfer import config
@@ -97,7 +98,7 @@ def test_a_model_initialised_from_imagenet_gets_the_folded_weights(local_sources
     c = config()
     c.model.kwargs.width = 64  # the real ResNet50 shapes
     c.model.init = "imagenet:torchvision-v2"
-    _, _, state = train.build(c)
+    _, state = step.init_model(c)
     tree, preprocessing, _ = weights.load("torchvision-v2")
     gray, gray_pre = convert.to_grayscale(tree, preprocessing)
     np.testing.assert_allclose(state["params"]["conv1"]["kernel"][...], gray["conv1"]["kernel"])
@@ -111,4 +112,4 @@ def test_missing_weights_or_a_wrong_variant_say_what_to_do(monkeypatch, tmp_path
     c.model.init = "imagenet:keras"
     with pytest.raises(FileNotFoundError,
                        match="python -m pneumojax.weights fetch resnet50 --source keras"):
-        train.build(c)
+        step.init_model(c)

@@ -26,12 +26,14 @@ def main() -> None:
     args = p.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from pneumojax import xla_cpu
+    xla_cpu.set_flags()
 
     from pneumojax import sharding
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
     import grain
-    from pneumojax import train
+    from pneumojax import training
     from tests.conftest import tiny_config
 
     if args.stall_on_save:
@@ -47,7 +49,7 @@ def main() -> None:
         handler.save = stalling_save
 
     config = tiny_config(args.data_dir, epochs=args.epochs, num_devices=args.num_devices)
-    train.train_and_evaluate(config, args.workdir)
+    training.train_and_evaluate(config, args.workdir)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from pneumojax import cli
+from pneumojax import cli, xla_cpu
 from pneumojax.data import builder, sources, stats
 
 
@@ -33,27 +33,40 @@ def _rejection_rows(rejected: list[dict]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(prog="python -m pneumojax.data", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    prep = commands.add_parser("prepare", help="build chest_xray_pneumonia from a source")
-    prep.add_argument("--source", required=True,
+    parser = cli.ArgumentParser(prog="python -m pneumojax.data", description=__doc__, examples=[
+        "python -m pneumojax.data prepare --source synthetic",
+        "python -m pneumojax.data prepare --source folder:PATH/chest_xray --image-size 224",
+        "python -m pneumojax.data stats"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{prepare,stats}")
+    what = "build chest_xray_pneumonia (TFDS) from a source"
+    prep = commands.add_parser("prepare", help=what, description=what, examples=[
+        "python -m pneumojax.data prepare --source folder:PATH/chest_xray",
+        "python -m pneumojax.data prepare --source medmnist --data-dir PATH/tensorflow_datasets",
+        "python -m pneumojax.data prepare --source synthetic --synthetic-count 200"])
+    prep.add_argument("--source", required=True, metavar="SOURCE",
                       help="folder:PATH (Kaggle layout), medmnist (download), or synthetic")
-    prep.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or "
-                                         "~/tensorflow_datasets)")
-    prep.add_argument("--image-size", type=int, default=224)
-    prep.add_argument("--validation-fraction", type=float, default=0.1,
+    prep.add_argument("--data-dir", metavar="DIR", help="TFDS data dir (default: "
+                      "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    prep.add_argument("--image-size", type=int, default=224, metavar="PIXELS",
+                      help="side of the square images stored")
+    prep.add_argument("--validation-fraction", type=float, default=0.1, metavar="FRACTION",
                       help="share of train patients held out as `validation`")
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--synthetic-count", type=int, default=1200,
+    prep.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    prep.add_argument("--synthetic-count", type=int, default=1200, metavar="N",
                       help="train images for --source synthetic (test gets a quarter)")
-    st = commands.add_parser("stats", help="counts, patients and duplicates per split")
-    st.add_argument("--data-dir")
+    what = "counts, patients and duplicates per split"
+    st = commands.add_parser("stats", help=what, description=what, examples=[
+        "python -m pneumojax.data stats",
+        "python -m pneumojax.data stats --name synthetic-224px --json"])
+    st.add_argument("--data-dir", metavar="DIR", help="TFDS data dir (default: "
+                    "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
     st.add_argument("--name", help="one prepared config (default: all in the data dir)")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
 def main(argv: list[str]) -> int:
+    xla_cpu.set_flags()  # before JAX's backend starts
     args = _parser().parse_args(argv)
     if args.command == "prepare":
         report = builder.prepare(args.source, data_dir=args.data_dir, image_size=args.image_size,

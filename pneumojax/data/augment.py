@@ -11,35 +11,75 @@ of the centre moves up (towards row 0).
 
 import dataclasses
 import functools
+import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
+def family(draws: int, kind: str, off: Any) -> dict[str, Any]:
+    """Field metadata that makes a config field an augmentation family: `draws` U(0, 1) numbers
+    per example, from a key folded in from the field's name; the family is on unless the
+    field's value is `off` (its identity)."""
+    return {"draws": draws, "kind": kind, "off": off}
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Sampling ranges. Frozen, hence hashable, so it can be a static jit argument."""
+    """Sampling ranges. Frozen, hence hashable, so it can be a static jit argument.
+
+    Each field but `enabled` is a family of augmentation (its `family` metadata): it is on
+    when its value is not the identity, and draws its own random numbers by its name
+    (`draws`), so adding a family is adding a field and shifts no other family's draws.
+    """
 
     enabled: bool = True
-    rotation_deg: float = 10.0  # angle ~ U(-r, r)
-    translate: float = 0.08  # shift ~ U(-t, t) * size, independently in x and y
-    zoom: tuple[float, float] = (0.9, 1.1)  # scale ~ U(lo, hi)
-    hflip: bool = False  # off by default: a mirrored chest film shows the heart on the wrong side
-    brightness: float = 0.1  # additive delta ~ U(-b, b), images in [0, 1]
-    contrast: float = 0.1  # factor ~ U(1-c, 1+c) around the per-image mean
+    # angle ~ U(-r, r)
+    rotation_deg: float = dataclasses.field(default=10.0, metadata=family(1, "geometric", 0.0))
+    # shift ~ U(-t, t) * size, independently in rows and columns
+    translate: float = dataclasses.field(default=0.08, metadata=family(2, "geometric", 0.0))
+    # scale ~ U(lo, hi)
+    zoom: tuple[float, float] = dataclasses.field(
+        default=(0.9, 1.1), metadata=family(1, "geometric", (1.0, 1.0)))
+    # off by default: a mirrored chest film shows the heart on the wrong side
+    hflip: bool = dataclasses.field(default=False, metadata=family(1, "geometric", False))
+    # additive delta ~ U(-b, b), images in [0, 1]
+    brightness: float = dataclasses.field(default=0.1, metadata=family(1, "photometric", 0.0))
+    # factor ~ U(1-c, 1+c) around the per-image mean
+    contrast: float = dataclasses.field(default=0.1, metadata=family(1, "photometric", 0.0))
 
     def __post_init__(self) -> None:
         # Configs may hand over a list, which would make the dataclass unhashable.
         object.__setattr__(self, "zoom", tuple(float(z) for z in self.zoom))
 
+    def families(self, kind: str | None = None) -> dict[str, int]:
+        """The families that are on (of `kind`, if given), each with its number of draws."""
+        return {f.name: f.metadata["draws"] for f in dataclasses.fields(self)
+                if "draws" in f.metadata and getattr(self, f.name) != f.metadata["off"]
+                and kind in (None, f.metadata["kind"])}
+
     @property
     def geometric(self) -> bool:
         """Whether any warp is sampled; if not, the per-example gather is skipped."""
-        return bool(self.rotation_deg or self.translate or self.zoom != (1.0, 1.0) or self.hflip)
+        return bool(self.families("geometric"))
 
     @property
     def photometric(self) -> bool:
-        return bool(self.brightness or self.contrast)
+        return bool(self.families("photometric"))
+
+
+def stream(name: str) -> int:
+    """The constant a family's name folds into the key: a CRC-32 of the name, the same in
+    every process and release (Python's `hash` of a string is salted per process)."""
+    return zlib.crc32(name.encode())
+
+
+def draws(key: jax.Array, config: AugmentConfig) -> dict[str, jax.Array]:
+    """One example's random numbers: for each family that is on, its own U(0, 1) draws from
+    `fold_in(key, stream(name))`. A family's draws depend on the key and its name alone."""
+    return {name: jax.random.uniform(jax.random.fold_in(key, stream(name)), (n,))
+            for name, n in config.families().items()}
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -115,21 +155,27 @@ def _between(u: jax.Array, lo: float, hi: float) -> jax.Array:
     return lo + (hi - lo) * u
 
 
-def _random_affine(u: jax.Array, config: AugmentConfig, size: tuple[int, int]) -> jax.Array:
-    """Geometry from five U(0, 1) draws."""
+def _random_affine(u: dict[str, jax.Array], config: AugmentConfig,
+                   size: tuple[int, int]) -> jax.Array:
+    """Geometry from the draws of the geometric families that are on; the others are identity."""
     r, t = config.rotation_deg, config.translate
-    rotation = jnp.deg2rad(_between(u[0], -r, r))
-    scale = _between(u[1], *config.zoom)
-    shift = _between(u[2:4], -t, t) * jnp.array(size, jnp.float32)
-    flip = (u[4] < 0.5) & config.hflip
+    rotation = jnp.deg2rad(_between(u["rotation_deg"][0], -r, r)) if "rotation_deg" in u else 0.0
+    scale = _between(u["zoom"][0], *config.zoom) if "zoom" in u else 1.0
+    shift = (_between(u["translate"], -t, t) * jnp.array(size, jnp.float32)
+             if "translate" in u else jnp.zeros(2))
+    flip = u["hflip"][0] < 0.5 if "hflip" in u else False
     return affine_matrix(size, rotation, scale, shift, flip)
 
 
-def _random_photometric(x: jax.Array, u: jax.Array, config: AugmentConfig) -> jax.Array:
-    """Contrast about the per-image mean, then brightness, from two U(0, 1) draws."""
+def _random_photometric(x: jax.Array, u: dict[str, jax.Array], config: AugmentConfig) -> jax.Array:
+    """Contrast about the per-image mean, then brightness, each if its family is on."""
     b, c = config.brightness, config.contrast
-    mean = jnp.mean(x)
-    return (x - mean) * _between(u[0], 1.0 - c, 1.0 + c) + mean + _between(u[1], -b, b)
+    if "contrast" in u:
+        mean = jnp.mean(x)
+        x = (x - mean) * _between(u["contrast"][0], 1.0 - c, 1.0 + c) + mean
+    if "brightness" in u:
+        x = x + _between(u["brightness"][0], -b, b)
+    return x
 
 
 def augment_image(image: jax.Array, key: jax.Array, config: AugmentConfig,
@@ -137,21 +183,21 @@ def augment_image(image: jax.Array, key: jax.Array, config: AugmentConfig,
     """uint8 (H, W, C) -> float32 (H, W, C) in [0, 1]; one example of augment_batch.
 
     Photometric first, then the warp, so that the zero fill stays black rather
-    than picking up the brightness shift. All randomness comes from one draw of
-    seven uniforms: each extra threefry call costs compile time and kernels.
+    than picking up the brightness shift. Each family draws by its name (`draws`), so
+    turning one on or adding one leaves the others' numbers as they were.
     A lesion `mask` (H, W, 1) takes the same warp as extra channels, in the same gather,
     and comes back as float32 in [0, 1] (bilinear, soft at its edge).
     """
     x = to_float(image)
     m = None if mask is None else mask.astype(jnp.float32)
     if config.enabled:
-        u = jax.random.uniform(key, (7,))
+        u = draws(key, config)
         if config.photometric:
-            x = _random_photometric(x, u[:2], config)
+            x = _random_photometric(x, u, config)
         if config.geometric:
             c = x.shape[-1]
             x = warp(x if m is None else jnp.concatenate([x, m], -1),
-                     _random_affine(u[2:], config, x.shape[:2]))
+                     _random_affine(u, config, x.shape[:2]))
             x, m = (x, m) if m is None else (x[..., :c], x[..., c:])
         x = jnp.clip(x, 0.0, 1.0)
     return x if m is None else (x, m)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zlib
 from collections.abc import Iterator, Sequence
+from importlib import metadata
 
 import grain
 import jax
@@ -72,6 +74,23 @@ def _host_slice(global_batch: int, process_index: int | None, process_count: int
     return pi, pc, global_batch // pc
 
 
+def _check_flags_parsed(num_workers: int) -> None:
+    """grain up to 0.2.18 reads one of its absl flags (`--grain_enable_multiprocess_worker_
+    profiling`) when its worker processes start, and fails in a thread if no one parsed absl's
+    flags (google/grain#1355; its fix, #1362, came after 0.2.18). Parsing them is an entry point's
+    business, never a library's: `python -m pneumojax.main` parses them through `absl.app`. A
+    caller without them hears the fix here, before any work, rather than grain's error."""
+    if flags.FLAGS.is_parsed():
+        return
+    version = metadata.version("grain")
+    if tuple(int(n) for n in re.findall(r"\d+", version)[:3]) <= (0, 2, 18):
+        raise RuntimeError(
+            f"num_workers={num_workers} needs absl's flags parsed: grain {version} reads its "
+            "own when its workers start (google/grain#1355). Entry points parse them "
+            "(python -m pneumojax.main does); in a script or notebook, call "
+            "absl.flags.FLAGS(sys.argv[:1]) first, or use num_workers=0")
+
+
 def train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, num_workers: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
                   lesion_mask: bool = False) -> grain.IterDataset:
@@ -91,8 +110,7 @@ def train_dataset(source: Sequence[dict], *, batch_size: int, seed: int, num_wor
     # 2 threads and 8 batches ahead measured best (5,600 vs 600 images/s on 2 cores).
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
     if num_workers > 0:
-        if not flags.FLAGS.is_parsed():  # grain reads absl flags; library callers parse none
-            flags.FLAGS.mark_as_parsed()
+        _check_flags_parsed(num_workers)
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return ds
 

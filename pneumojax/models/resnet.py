@@ -36,9 +36,8 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from pneumojax.models.cnn import Standardize, check_pool_r, global_pool
-from pneumojax.models.conv import conv_general_dilated
-from pneumojax.models.norm import BatchNorm
 from pneumojax.models.stages import Intermediates, stage
+from pneumojax.xla_cpu import BatchNorm, Conv, max_pool
 
 VARIANTS = ("v1.5", "v1")
 EXPANSION = 4
@@ -65,25 +64,25 @@ class Bottleneck(nnx.Module):
     ):
         v1 = variant == "v1"
         conv = dict(use_bias=v1, dtype=dtype, param_dtype=jnp.float32, kernel_init=_kaiming,
-                    conv_general_dilated=conv_general_dilated, rngs=rngs)
+                    rngs=rngs)
         bn = dict(momentum=0.9, epsilon=1.001e-5 if v1 else 1e-5, dtype=dtype,
                   param_dtype=jnp.float32, rngs=rngs)
         c_out = planes * EXPANSION
         stride_1x1, stride_3x3 = (stride, 1) if v1 else (1, stride)
-        self.conv1 = nnx.Conv(c_in, planes, (1, 1), strides=stride_1x1, padding="VALID", **conv)
+        self.conv1 = Conv(c_in, planes, (1, 1), strides=stride_1x1, padding="VALID", **conv)
         self.bn1 = BatchNorm(planes, **bn)
-        self.conv2 = nnx.Conv(planes, planes, (3, 3), strides=stride_3x3,
-                              padding=((1, 1), (1, 1)), **conv)
+        self.conv2 = Conv(planes, planes, (3, 3), strides=stride_3x3, padding=((1, 1), (1, 1)),
+                          **conv)
         self.bn2 = BatchNorm(planes, **bn)
-        self.conv3 = nnx.Conv(planes, c_out, (1, 1), padding="VALID", **conv)
+        self.conv3 = Conv(planes, c_out, (1, 1), padding="VALID", **conv)
         # Zero scale makes each block start as the identity (Goyal et al., 2017).
         self.bn3 = BatchNorm(c_out, **bn, scale_init=(
             nnx.initializers.zeros_init() if zero_init_residual else nnx.initializers.ones_init()))
-        self.downsample_conv: nnx.Conv | None
+        self.downsample_conv: Conv | None
         self.downsample_bn: BatchNorm | None
         if stride != 1 or c_in != c_out:
-            self.downsample_conv = nnx.Conv(c_in, c_out, (1, 1), strides=stride, padding="VALID",
-                                            **conv)
+            self.downsample_conv = Conv(c_in, c_out, (1, 1), strides=stride, padding="VALID",
+                                        **conv)
             self.downsample_bn = BatchNorm(c_out, **bn)
         else:
             self.downsample_conv = self.downsample_bn = None
@@ -106,6 +105,14 @@ class ResNet50(nnx.Module):
     Stage s (1-based) has `width * 2**(s-1)` planes and outputs 4x that many channels.
     """
 
+    # The contract of pneumojax.models: transfer groups, thawed top down by
+    # train.freeze=progressive; ImageNet weights (pneumojax.weights); a test-sized build.
+    TRANSFER_GROUPS = {"conv1": "stem", "bn1": "stem", "layer1": "stage1", "layer2": "stage2",
+                       "layer3": "stage3", "layer4": "stage4", "head": "head"}
+    UNFREEZE_ORDER = ("stage4", "stage3", "stage2", "stage1", "stem")
+    IMAGENET_WEIGHTS = True
+    TINY_KWARGS = dict(width=4, stage_sizes=(1, 1, 1, 1))
+
     def __init__(
         self,
         *,
@@ -127,9 +134,9 @@ class ResNet50(nnx.Module):
         v1 = variant == "v1"
         self.pool_r = check_pool_r(pool_r)
         self.standardize = Standardize(in_channels, input_mean, input_std)
-        self.conv1 = nnx.Conv(in_channels, width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
-                              use_bias=v1, dtype=dtype, param_dtype=jnp.float32,
-                              kernel_init=_kaiming, rngs=rngs)
+        self.conv1 = Conv(in_channels, width, (7, 7), strides=2, padding=((3, 3), (3, 3)),
+                          use_bias=v1, dtype=dtype, param_dtype=jnp.float32,
+                          kernel_init=_kaiming, rngs=rngs)
         self.bn1 = BatchNorm(width, momentum=0.9, epsilon=1.001e-5 if v1 else 1e-5,
                              dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         c_in = width
@@ -150,8 +157,7 @@ class ResNet50(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Intermediates]:
         out: Intermediates = {}
         x = nnx.relu(self.bn1(self.conv1(self.standardize(x))))
-        x = stage(out, "stem", nnx.max_pool(x, (3, 3), strides=(2, 2),
-                                            padding=((1, 1), (1, 1))))
+        x = stage(out, "stem", max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
         for s, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
             for block in layer:
                 x = block(x)

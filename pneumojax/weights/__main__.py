@@ -4,23 +4,36 @@ from __future__ import annotations
 
 import sys
 
-from pneumojax import cli, weights
+from pneumojax import cli, weights, xla_cpu
+
+FETCH = "python -m pneumojax.weights fetch resnet50 --source torchvision-v2"
+CONVERT = ("python -m pneumojax.weights convert "
+           "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+LIST = "python -m pneumojax.weights list"
 
 
 def main(argv: list[str]) -> int:
-    parser = cli.ArgumentParser(prog="python -m pneumojax.weights", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch", help="download the official file, verify, convert")
-    fetch.add_argument("model", choices=["resnet50"])
-    fetch.add_argument("--source", required=True, choices=list(weights.SOURCES))
+    xla_cpu.set_flags()  # before JAX's backend starts
+    parser = cli.ArgumentParser(prog="python -m pneumojax.weights", description=__doc__,
+                                examples=[FETCH, CONVERT, LIST])
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{fetch,convert,list}")
+    what = "download the official file, verify, convert"
+    fetch = commands.add_parser("fetch", help=what, description=what, examples=[FETCH])
+    fetch.add_argument("model", choices=["resnet50"], help="the architecture: resnet50")
+    fetch.add_argument("--source", required=True, choices=list(weights.SOURCES),
+                       help="which published file")
     fetch.add_argument("--sha256", help="pin the file's SHA-256 (timm's hub file has none)")
-    convert = commands.add_parser("convert", help="convert a file you already have")
-    convert.add_argument("path")
+    what = "convert a file you already have"
+    convert = commands.add_parser("convert", help=what, description=what, examples=[CONVERT])
+    convert.add_argument("path", help="the downloaded .h5, .pth or .safetensors file")
     convert.add_argument("--source", choices=list(weights.SOURCES),
                          help="which published file it is (default: from its name)")
-    commands.add_parser("list", help="the sources and what is cached")
+    what = "the sources and what is cached"
+    commands.add_parser("list", help=what, description=what, examples=[LIST])
     for p in (fetch, convert, commands.choices["list"]):
-        p.add_argument("--cache-dir", help="default $PNEUMOJAX_CACHE or ~/.cache/pneumojax")
+        p.add_argument("--cache-dir", metavar="DIR",
+                       help="cache folder (default: $PNEUMOJAX_CACHE or ~/.cache/pneumojax)")
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, src in weights.SOURCES.items():
