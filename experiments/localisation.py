@@ -7,15 +7,8 @@ r"""Does Grad-CAM point at the lesion? Localisation on synthetic phantoms whose 
 
 Trains a DeepCNN on 64 px phantoms (`pneumojax.data.synthetic`: every PNEUMONIA image carries
 1-3 consolidations and their masks) and, on the held-out PNEUMONIA images, scores each method
-at each spatial stage (`pneumojax.localisation` scores them):
-
-- pointing: the share of images whose map peaks inside a lesion mask dilated by half a
-  feature cell (a peak can be placed no finer than a cell);
-- peak_in_mask, peak_distance: the share whose peak lies inside the mask itself, and the mean
-  distance in px from the peak to the nearest lesion pixel: near misses or wrong places;
-- mass: the share of the map's sum inside the masks, and inside the dilated masks;
-- ideal_mass: the mass of an ideal map at that grid, each cell its lesion fraction, upsampled
-  the same way: a reference for what the grid allows (not a strict bound).
+at each spatial stage with the measures of `pneumojax.localisation` (pointing, peak in mask,
+peak distance, mass, ideal mass: defined there).
 
 A map can be judged only against where its model looked: a model trained on labels alone
 may put its lesion units a cell off the lesion, so the goals are tested on one whose logit
