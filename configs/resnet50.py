@@ -41,7 +41,8 @@ def get_config(arg: str | None = None):
         c.train.eval_batch_size = 64
         # From scratch on 300 images its first steps are chaotic: a run can sit at chance for
         # up to ten epochs before it learns, and which run does changes with float rounding
-        # (README, "Results and training speed"). 30 epochs and a patience of 10 let all learn.
+        # (docs/cpu-performance.md, "A change taken back"). 30 epochs and a patience of 10 let
+        # all learn.
         c.train.epochs = 30.0
         c.train.patience = 10
         c.train.learning_rate = 3e-3

@@ -18,6 +18,7 @@ import sys
 import time
 
 import jax
+from absl import flags as absl_flags
 
 from pneumojax import data, xla_cpu
 from pneumojax.data import augment
@@ -68,6 +69,7 @@ def bench_device(dd: data.DeviceData, batch: int, seconds: float, with_augment: 
 
 def main(argv: list[str] | None = None) -> None:
     xla_cpu.set_flags()  # before JAX's backend starts
+    absl_flags.FLAGS(sys.argv[:1])  # grain's workers read its absl flags (data.pipeline)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="synthetic")

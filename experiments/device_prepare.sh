@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds what the GPU device suite carries, here on the CPU machine (README, "Measuring on a GPU"):
+# Builds what the GPU device suite carries, here on the CPU machine (docs/gpu.md):
 #
 #     bash experiments/device_prepare.sh PATH/chest_xray
 #

@@ -4,8 +4,8 @@ r"""One prepared call on a lent GPU machine measures every GPU figure.
     bash experiments/device_suite.sh --dry-run --out /tmp/suite   # here, on a CPU, tiny sizes
 
 `bash experiments/device_prepare.sh PATH/chest_xray` builds, here, what the call carries (.whl/
-and .gpudata/); device_suite.sh installs those wheels and runs this file. The README section
-"Measuring on a GPU" gives the exact call.
+and .gpudata/); device_suite.sh installs those wheels and runs this file. docs/gpu.md gives the exact
+call.
 
 The first line it prints says what is missing (a package, the accelerator, the carried data),
 and if anything is, the suite stops there. Otherwise, within `--budget` seconds:
@@ -371,8 +371,6 @@ def main(argv: list[str] | None = None) -> int:
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                         os.environ.get("PYTHONPATH")])))
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process's own JAX too
-    from pneumojax import xla_cpu
-    xla_cpu.set_flags()  # here; each of its scripts and pytest set their own
 
     missing, found = preflight(p, args.dry_run)
     if missing:

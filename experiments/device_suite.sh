@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one call a lent GPU machine gets (README, "Measuring on a GPU"): installs the wheels that
+# The one call a lent GPU machine gets (docs/gpu.md): installs the wheels that
 # experiments/device_prepare.sh put in .whl/, then runs experiments/device_suite.py, which says
 # on its first line what is missing, if anything. Arguments go to device_suite.py.
 set -uo pipefail

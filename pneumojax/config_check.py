@@ -1,7 +1,7 @@
 """Every field of a training config, checked before any work: a typo found after an hour of
 data preparation, or one that trains the wrong thing without a word, costs more than this file.
 
-`FIELDS` is the schema: each field of `configs/common.py` with the rule its value must meet
+`FIELDS` is the schema: each field of `pneumojax/defaults.py` with the rule its value must meet
 (`model.kwargs` goes to the model's constructor, which states its own arguments). `validate`
 reports every broken rule on one line, each naming the field, what is wrong and the flag that
 sets it, as a `cli.UserError`; fields the schema does not know are typos and are named with the
@@ -210,7 +210,7 @@ def field_problems(config: ml_collections.ConfigDict) -> list[str]:
                             + (f"; did you mean {close[0]}?" if close else ""))
         elif why := FIELDS[path](value):
             problems.append(_problem(path, value, why))
-    problems += [f"config field {path}: missing; build configs on configs/common.py"
+    problems += [f"config field {path}: missing; build configs on pneumojax.defaults.get_config()"
                  for path in FIELDS if path not in found and path not in OPTIONAL]
     return problems
 

@@ -16,7 +16,7 @@ state, and the entry points (`python -m pneumojax.*`, the experiments) call `set
 
 Why, measured on a 2-core AVX-512 Xeon with jaxlib 0.10, training the deep CNN in float32
 (experiments/bench_train.py; "A/B" is the same step with and without, in one process). It
-started at 0.50x PyTorch's speed at 128 px; with all four it is ahead (the README's table).
+started at 0.50x PyTorch's speed at 128 px; with all four it is ahead (docs/cpu-performance.md).
 
 1. The XLA flag `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` (`set_flags`).
    jaxlib 0.10's XLA:CPU runs convolutions through YNNPACK, whose backward-filter (kernel

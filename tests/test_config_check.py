@@ -83,7 +83,7 @@ def test_a_misspelt_field_gets_the_closest_one():
     c = shallow_cnn.get_config()
     del c.train["patience"]
     assert problem(c) == ("config field train.patience: missing; build configs on "
-                          "configs/common.py")
+                          "pneumojax.defaults.get_config()")
 
 
 def test_an_override_of_a_missing_field_is_named_with_the_closest_one():
