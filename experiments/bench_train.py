@@ -15,7 +15,7 @@ What is measured, per model, in images/s of training (forward, backward, optimiz
   batch is uint8 (B, H, W, 1) and already on the device: the input pipeline is not measured
   (see bench_input.py). Augmentation is off (`data.augment.enabled=False`, so the step only
   converts uint8 to [0, 1]), because the PyTorch side has none. `--dtype` is `model.dtype`.
-- PyTorch: `torch_models.py` (the same topology, NCHW), `model.train()`, uint8 -> float / 255,
+- PyTorch: `pneumojax.torch_twins` (the same topology, NCHW), `model.train()`, uint8 -> float / 255,
   class-weighted BCE with logits, global-norm clipping at the config's `grad_clip`, then AdamW
   with the config's learning rate and weight decay on kernels only. On CPU it runs eager in
   float32 (`amp` autocasts to bf16 with `--dtype bfloat16`); on CUDA it runs with bf16
@@ -60,7 +60,7 @@ import ml_collections
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # configs/ and torch_models.py
+sys.path[:0] = [str(ROOT)]  # configs/
 
 from experiments import common
 from pneumojax import profiling, sharding, transfer, xla_cpu
@@ -135,14 +135,14 @@ def pytorch_step(c: ml_collections.ConfigDict, setup: str = "eager",
                  device: str | None = None) -> Step:
     """The same model and update in PyTorch; `setup` is '+'-joined amp, channels_last, compile."""
     import torch
-    import torch_models
+    from pneumojax import torch_twins
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     flags = set(setup.split("+")) - {"eager"}
     if unknown := flags - {"amp", "channels_last", "compile"}:
         raise ValueError(f"unknown setup parts {sorted(unknown)}")
     torch.manual_seed(c.train.seed)
-    model = torch_models.create(c.model.name, in_channels=1, **c.model.kwargs).to(device)
+    model = torch_twins.create(c.model.name, in_channels=1, **c.model.kwargs).to(device)
     memory_format = torch.channels_last if "channels_last" in flags else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -4,8 +4,8 @@ r"""One prepared call on a lent GPU machine measures every GPU figure.
     bash experiments/device_suite.sh --dry-run --out /tmp/suite   # here, on a CPU, tiny sizes
 
 `bash experiments/device_prepare.sh PATH/chest_xray` builds, here, what the call carries (.whl/
-and .gpudata/); device_suite.sh installs those wheels and runs this file. docs/gpu.md gives the exact
-call.
+and .gpudata/); device_suite.sh installs those wheels and runs this file. docs/gpu.md gives
+the exact call.
 
 The first line it prints says what is missing (a package, the accelerator, the carried data),
 and if anything is, the suite stops there. Otherwise, within `--budget` seconds:

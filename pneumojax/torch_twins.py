@@ -1,12 +1,13 @@
-"""PyTorch twins of `pneumojax.models`, for `bench_train.py` only: the same topology, so the
+"""PyTorch twins of `pneumojax.models`, for experiments/bench_train.py: the same topology, so the
 two frameworks do the same arithmetic.
 
 Same widths, 3x3 convs with padding 1 (XLA's 'SAME' at stride 1), no conv bias before batch
 norm, batch norm eps 1e-5 and momentum 0.1 (nnx's 0.9), 2x2 max-pools that drop an odd last
 row/column, global pooling (the mean, or log-sum-exp for `pool_r` > 0), the deep CNN's hidden
 dense + ReLU + dropout, one logit, input standardisation inside the model and one input channel.
-Initialisation is torch's default: it does not affect speed. `tests/test_bench_train.py` checks
-the parameter counts.
+Initialisation is torch's default: it does not affect speed. `tests/test_torch_twins.py` checks
+the parameter counts and the pooling. torch is an optional dependency (`.[torch]`): nothing else
+in the package imports this module.
 Tensors are NCHW (torch's convention); `channels_last` is the caller's choice.
 """
 
