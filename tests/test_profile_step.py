@@ -16,6 +16,7 @@ from pneumojax import profiling
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_a_tiny_trace_records_the_steps_kernels_by_their_hlo_names(tmp_path):
     out, hlo = tmp_path / "profile.json", tmp_path / "step.hlo"
     proc = subprocess.run(

@@ -100,6 +100,7 @@ def test_a_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     assert ckpt.latest_step() == last and ckpt.meta(last) == before
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_the_device_resident_path_trains_and_resumes(synthetic, tmp_path):
     import shutil

@@ -14,7 +14,7 @@ from pneumojax.training import step as steps
 
 def config(**train_overrides):
     c = resnet50.get_config("demo")
-    c.model.kwargs.width = 4
+    c.model.kwargs.update(width=4, stage_sizes=(1, 1, 1, 1))  # every stage, one block each
     c.data.image_size = 32
     c.train.warmup_epochs = 0.0  # the first step must move the weights
     c.train.update(train_overrides)
@@ -96,6 +96,7 @@ def test_a_frozen_backbone_is_untouched_costs_no_backward_pass_and_no_optimizer_
     assert convs(jaxpr_full) > 2.5 * convs(jaxpr_frozen)  # forward only when frozen
 
 
+@pytest.mark.slow
 def test_progressive_stage_trains_only_what_is_thawed(built):
     c, state = built
     frozen = transfer.frozen_groups(config(freeze="progressive"), 1.5)  # stage4 thawed
