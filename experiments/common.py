@@ -44,6 +44,17 @@ def commit() -> str:
     return out or os.environ.get("PNEUMOJAX_COMMIT") or "unknown"
 
 
+def portable(place: str | os.PathLike) -> str:
+    """A folder as results files record it: `PATH/` and its last two names (`folder:` kept), so
+    a committed record says which data or run it used without naming the machine's layout."""
+    kind, sep, where = str(place).rpartition(":") if ":" in str(place) else ("", "", str(place))
+    parts = pathlib.PurePath(where).parts
+    if not where or not (len(parts) > 2 or pathlib.PurePath(where).is_absolute()
+                         or ".." in parts):
+        return str(place)
+    return f"{kind}{sep}PATH/" + "/".join(parts[-2:]) if len(parts) > 1 else str(place)
+
+
 def merge_results(path: pathlib.Path, records: list[dict], key: tuple[str, ...]) -> list[dict]:
     """Writes `path`: its records, with the new ones replacing any that agree on `key`, so
     runs on other devices or at other sizes stay beside them. Returns what was written."""

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = probabilities(args.workdir, args.data, methods=tuple(args.methods.split(",")),
                       layer=args.layer, fraction=args.fraction)
-    record = dict(workdir=str(args.workdir), data=args.data, checkpoint=p["step"],
+    record = dict(workdir=common.portable(args.workdir), data=common.portable(args.data),
+                  checkpoint=p["step"],
                   layer=p["layer"], fraction=args.fraction,
                   device=common.device_name(), commit=common.commit(),
                   date=datetime.date.today().isoformat(),

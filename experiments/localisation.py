@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     shared = dict(widths=list(args.widths), hidden=args.hidden, pool_r=args.pool_r,
                   head=args.head, lesion_weight=args.lesion_weight,
                   count=args.count, epochs=args.epochs, image_size=args.image_size,
-                  seed=args.seed, workdir=str(workdir),
+                  seed=args.seed, workdir=common.portable(workdir),
                   device=common.device_name(), commit=common.commit(),
                   date=datetime.date.today().isoformat())
     records = []

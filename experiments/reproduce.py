@@ -51,7 +51,7 @@ from pneumojax.training.data import prepare_data
 from pneumojax.data import builder
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/, experiments/
-from experiments.common import commit, device_name
+from experiments.common import commit, device_name, portable
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 VAL_SPLIT = "val"  # the source's own small split; "test" is held out and never evaluated here
@@ -226,12 +226,15 @@ def evaluate_val(p: Plan, best_step: int) -> dict | None:
     result = json.loads(out.read_text()) if out.exists() else None
     if result is None or result["checkpoint"] != best_step:
         result = evaluate.evaluate(p.workdir, f"tfds:{VAL_SPLIT}", out=out)
-    return dict(result["metrics"]["validation"], out=str(out))
+    return dict(result["metrics"]["validation"], out=portable(out))
 
 
 def run_row(p: Plan, retrain: bool) -> dict:
+    settings = json.loads(p.config.to_json_best_effort())
+    settings["data"].update((k, portable(v)) for k, v in settings["data"].items()
+                            if k in ("source", "data_dir") and v)
     record = dict(name=p.row.name, label=p.row.label, config=p.spec, overrides=p.overrides,
-                  workdir=str(p.workdir), settings=json.loads(p.config.to_json_best_effort()))
+                  workdir=portable(p.workdir), settings=settings)
     if p.skip:
         return dict(record, status="skipped", reason="; ".join(p.skip))
     print(f"== {p.row.label}: {p.spec} {' '.join(p.overrides)} in {p.workdir}", flush=True)
@@ -345,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [run_row(p, args.retrain) for p in plans]
     table = dict(command=" ".join(["python experiments/reproduce.py",
-                                   *(sys.argv[1:] if argv is None else argv)]),
-                 date=_today(), commit=commit(), device=device_name(), source=args.source,
+                                   *map(portable, sys.argv[1:] if argv is None else argv)]),
+                 date=_today(), commit=commit(), device=device_name(),
+                 source=portable(args.source),
                  profile="cpu" if args.cpu else "full", rows=rows,
                  published=[dict(p, reference=REFERENCES[p["source"]]) for p in PUBLISHED],
                  references=REFERENCES)
