@@ -263,7 +263,7 @@ def _train(run: Run, progress: Progress, start: int) -> None:
             done = step + 1
             is_eval = done % run.eval_every == 0 or done == run.total_steps
             if done % c.train.log_every == 0 or is_eval:
-                record = _train_record(run, pending, done, time.perf_counter() - tick)
+                record = _train_record(run, pending, done, tick)
                 bar.set_postfix(loss=f"{record['loss']:.4f}",
                                 img_s=f"{record['images_per_s']:.0f}")
                 pending, tick = [], time.perf_counter()
@@ -274,9 +274,12 @@ def _train(run: Run, progress: Progress, start: int) -> None:
                 tick = time.perf_counter()
 
 
-def _train_record(run: Run, pending: list[dict], done: int, seconds: float) -> dict:
-    """Logs the mean of the steps since the last record; stops on a non-finite loss."""
+def _train_record(run: Run, pending: list[dict], done: int, since: float) -> dict:
+    """Logs the mean of the steps since the last record (begun at `since`, a perf_counter);
+    stops on a non-finite loss. Their rate is timed once their values are here: steps run
+    asynchronously, so the loop's own clock only sees them dispatched."""
     values = jax.device_get(pending)
+    seconds = time.perf_counter() - since
     losses = np.array([v["loss"] for v in values])
     if not np.isfinite(losses).all():
         bad = done - len(values) + 1 + int(np.argmin(np.isfinite(losses)))
