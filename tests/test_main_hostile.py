@@ -27,21 +27,30 @@ def assert_refused(done: subprocess.CompletedProcess, says: str) -> None:
     assert says in lines[0]
 
 
+SLOW = pytest.mark.slow  # a process each: the fast tier keeps one case of each kind
+
+
 @pytest.mark.parametrize("args,says", [
     (["--config.train.epoch=3"], "error: --config.train.epoch: train has no field 'epoch'; "
                                  "did you mean --config.train.epochs?"),
-    (["--config.trian.epochs=3"], "the config has no field 'trian'; did you mean --config.train?"),
-    (["--config.train.epochs=abc"], "flag --config.train.epochs=abc: could not convert"),
+    pytest.param(["--config.trian.epochs=3"],
+                 "the config has no field 'trian'; did you mean --config.train?", marks=SLOW),
+    pytest.param(["--config.train.epochs=abc"],
+                 "flag --config.train.epochs=abc: could not convert", marks=SLOW),
     (["--config.train.freeze=nonee"], "config field train.freeze='nonee': choose one of none, "
                                       "backbone, progressive; set --config.train.freeze"),
-    (["--config.train.threshold=sensitivity:2"], "sensitivity:<target>, e.g. sensitivity:0.95"),
-    (["--config.model.init=imagenet:foo"], "with SOURCE one of keras, torchvision-v1"),
-    (["--config.train.batch_size=0"], "train.batch_size=0: must be an integer, at least 1"),
+    pytest.param(["--config.train.threshold=sensitivity:2"],
+                 "sensitivity:<target>, e.g. sensitivity:0.95", marks=SLOW),
+    pytest.param(["--config.model.init=imagenet:foo"],
+                 "with SOURCE one of keras, torchvision-v1", marks=SLOW),
+    pytest.param(["--config.train.batch_size=0"],
+                 "train.batch_size=0: must be an integer, at least 1", marks=SLOW),
     (["--epochs=3"], "Unknown command line flag 'epochs'"),
     # Flags are spelled with dashes, as in every CLI here (tests/test_cli.py).
-    (["--num-processes=two"], "flag --num-processes=two: invalid literal for int()"),
+    pytest.param(["--num-processes=two"], "flag --num-processes=two: invalid literal for int()",
+                 marks=SLOW),
     (["--coordinator_address=h:1"], "Did you mean: coordinator-address ?"),
-    (["leftover"], "unexpected arguments leftover"),
+    pytest.param(["leftover"], "unexpected arguments leftover", marks=SLOW),
 ])
 def test_a_mistake_on_the_command_line_is_one_line_before_any_work(tmp_path, args, says):
     workdir = tmp_path / "run"
