@@ -60,7 +60,7 @@ class Rule:
 # {tmp}: the test's folder; PATH/chest_xray: phantoms there; workdirs/ and DIR: its own workdirs.
 RULES = [
     Rule(r"python -m pip install .*", not_run="installation: .ci/run does it"),
-    Rule(r'python -m pytest( -m "not slow" -n 2)?', not_run="this very suite"),
+    Rule(r'python -m pytest( -m "not slow")? -n 2', not_run="this very suite"),
     Rule(r"tensorboard --logdir workdirs", not_run="TensorBoard is not a dependency; "
          "tests/test_tensorboard.py reads the event files back"),
     Rule(r"srun python -m pneumojax\.main .*", not_run="a SLURM cluster; tests/test_distributed.py"

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from configs import resnet50
 from pneumojax import cli, weights
 from pneumojax.training import step
 from pneumojax.weights.__main__ import main
 from pneumojax.weights import convert
-from tests.test_transfer import config
 from tests.test_weights_convert import torchvision_state_dict
 
 
@@ -95,9 +95,8 @@ def test_convert_a_file_the_user_has(pth_bytes, tmp_path):
 @pytest.mark.slow
 def test_a_model_initialised_from_imagenet_gets_the_folded_weights(local_sources):
     weights.fetch("torchvision-v2", progress=False)
-    c = config()
-    c.model.kwargs.width = 64  # the real ResNet50 shapes
-    c.model.init = "imagenet:torchvision-v2"
+    c = resnet50.get_config()  # the real ResNet50 shapes, from torchvision's v2 weights
+    c.data.image_size = 32
     _, state = step.init_model(c)
     tree, preprocessing, _ = weights.load("torchvision-v2")
     gray, gray_pre = convert.to_grayscale(tree, preprocessing)
@@ -108,7 +107,7 @@ def test_a_model_initialised_from_imagenet_gets_the_folded_weights(local_sources
 @pytest.mark.slow
 def test_missing_weights_or_a_wrong_variant_say_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("PNEUMOJAX_CACHE", str(tmp_path))
-    c = config()
+    c = resnet50.get_config("demo")
     c.model.init = "imagenet:keras"
     with pytest.raises(FileNotFoundError,
                        match="python -m pneumojax.weights fetch resnet50 --source keras"):
