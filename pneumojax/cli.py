@@ -59,6 +59,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         raise UserError(f"{self.prog}: {message}")
 
+    def add_run_arguments(self) -> None:
+        """`--workdir` and `--checkpoint`: which trained run, and which of its checkpoints,
+        a command scores (what `inference.load` takes)."""
+        self.add_argument("--workdir", required=True, metavar="DIR",
+                          help="the training run's folder")
+        self.add_argument("--checkpoint", default="best", help="best, latest or a step number")
+
 
 EXAMPLES_HEADING = "examples:"  # lower case, as argparse's own "usage:" and "options:"
 

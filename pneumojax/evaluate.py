@@ -113,9 +113,7 @@ def main(argv: list[str]) -> int:
         "--data folder:PATH/chest_xray/test",
         "python -m pneumojax.evaluate --workdir DIR --checkpoint latest --data tfds:validation "
         "--out v.json"])
-    parser.add_argument("--workdir", required=True, metavar="DIR",
-                        help="the training run's folder")
-    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
+    parser.add_run_arguments()
     parser.add_argument("--data", required=True, help="folder:PATH or tfds:SPLIT")
     parser.add_argument("--out", metavar="FILE",
                         help="JSON file (default: WORKDIR/eval/<data>.json)")

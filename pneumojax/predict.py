@@ -56,8 +56,7 @@ def main(argv: list[str]) -> int:
         "--out heatmaps/",
         "python -m pneumojax.predict --workdir DIR --method gradcam++ --layer block3 study.dcm"])
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    parser.add_argument("--workdir", required=True, metavar="DIR",
-                        help="the training run's folder")
+    parser.add_run_arguments()
     parser.add_argument("--out", default="predictions", metavar="DIR",
                         help="folder for the overlay PNGs")
     parser.add_argument("--method", default=gradcam.METHODS[0], metavar="METHOD",
@@ -65,7 +64,6 @@ def main(argv: list[str]) -> int:
                         "experiments/results/deletion.json)")
     parser.add_argument("--layer", metavar="STAGE", help="named stage (default: the last one "
                         "with a grid of at least 7x7 at the model's input size)")
-    parser.add_argument("--checkpoint", default="best", help="best, latest or a step number")
     args = parser.parse_args(argv)
     failed = 0
     for record in predict(args.workdir, args.inputs, out=args.out, method=args.method,

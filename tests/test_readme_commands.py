@@ -127,7 +127,8 @@ def _sources(command: str) -> list[pathlib.Path] | None:
     words = shlex.split(command.removeprefix("srun "))
     if words[:2] == ["python", "-m"] and words[2].startswith("pneumojax."):
         module = ROOT.joinpath(*words[2].split("."))
-        return sorted(module.glob("*.py")) if module.is_dir() else [module.with_suffix(".py")]
+        files = sorted(module.glob("*.py")) if module.is_dir() else [module.with_suffix(".py")]
+        return [*files, ROOT / "pneumojax" / "cli.py"]  # flags every scoring CLI shares
     if words[0] in ("python", "bash") and words[1].startswith("experiments/"):
         script = ROOT / words[1]
         return [script, *[p for p in [script.with_suffix(".py")] if p != script and p.exists()]]
