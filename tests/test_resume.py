@@ -126,7 +126,10 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_resumes_bit_identically(
         synthetic, reference, tmp_path):
     workdir, command = tmp_path / "run", cli(tmp_path / "run", synthetic[0])
     with (tmp_path / "stderr").open("w") as stderr:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        # As from a terminal: Ctrl-C's default action, which a process started under nohup or
+        # by a pytest-xdist worker would otherwise inherit as "ignored".
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         kill_when(proc, past_step(workdir, 9), sig=signal.SIGINT)
     err = (tmp_path / "stderr").read_text()
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
