@@ -148,9 +148,9 @@ def apply_override(config: ml_collections.ConfigDict, field: str, value: Any) ->
 def skip_reasons(row: Row, config: ml_collections.ConfigDict, cpu: bool) -> list[str]:
     reasons = []
     kind, _, source = config.model.init.partition(":")
-    if kind == "imagenet" and not weights.is_cached(source):
-        reasons.append(f"weights not cached: run python -m pneumojax.weights fetch resnet50 "
-                       f"--source {source}")
+    if kind == "imagenet" and not weights.is_cached(config.model.name, source):
+        reasons.append(f"weights not cached: run python -m pneumojax.weights fetch "
+                       f"{config.model.name} --source {source}")
     if cpu and row.cpu_config is None and jax.default_backend() == "cpu":
         reasons.append("no GPU: the 224 px ResNet50 trains at about 2 images/s on a CPU")
     return reasons

@@ -80,9 +80,10 @@ def _init(value: Any) -> str | None:
     from pneumojax import weights
 
     kind, _, name = str(value).partition(":")
-    if value == "scratch" or (kind == "imagenet" and name in weights.SOURCES):
+    known = sorted({s for sources in weights.SOURCES.values() for s in sources})
+    if value == "scratch" or (kind == "imagenet" and name in known):
         return None
-    return f"choose scratch or imagenet:SOURCE with SOURCE one of {', '.join(weights.SOURCES)}"
+    return f"choose scratch or imagenet:SOURCE with SOURCE one of {', '.join(known)}"
 
 
 def _source(value: Any) -> str | None:
@@ -251,13 +252,13 @@ def _model_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     if init != "scratch":
         from pneumojax import weights
 
-        variant = weights.SOURCES[init.partition(":")[2]].variant
-        if not getattr(models.MODELS[name], "IMAGENET_WEIGHTS", False):
-            ported = [n for n, cls in models.MODELS.items() if getattr(cls, "IMAGENET_WEIGHTS",
-                                                                        False)]
-            yield _problem("model.init", init, f"ImageNet weights exist for {', '.join(ported)} "
-                           "only", "set --config.model.init=scratch")
-        elif kwargs.get("variant", "v1.5") != variant:
+        source = init.partition(":")[2]
+        if source not in weights.SOURCES.get(name, {}):
+            ported = [f"{m} ({', '.join(s)})" for m, s in weights.SOURCES.items()]
+            yield _problem("model.init", init, f"ImageNet weights exist for {'; '.join(ported)}"
+                           f" only", "set --config.model.init=scratch or one of those")
+        elif (variant := weights.SOURCES[name][source].variant) and kwargs.get(
+                "variant", "v1.5") != variant:
             yield _problem("model.init", init, f"these are ResNet50 {variant} weights",
                            f"add --config.model.kwargs.variant={variant}")
 

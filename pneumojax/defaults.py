@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
         name="deep_cnn",
-        init="scratch",                  # or imagenet:SOURCE (ResNet50; see pneumojax.weights)
+        init="scratch",                  # or imagenet:SOURCE (see pneumojax.weights)
         dtype="float32",                 # "bfloat16": mixed precision, parameters stay float32
         # Passed to the model's constructor. pool_r: global pooling, 0 = mean, r > 0 log-sum-exp.
         kwargs=ml_collections.ConfigDict(dict(pool_r=0.0)),
@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
         freeze="none",                   # none | backbone (feature extraction) | progressive
         unfreeze_epochs=(1, 2, 3, 4, 5),  # progressive: epochs at which stage4, 3, 2, 1, stem thaw
         lr_multipliers=ml_collections.ConfigDict(dict(  # discriminative learning rates per group
-            stem=1.0, stage1=1.0, stage2=1.0, stage3=1.0, stage4=1.0, backbone=1.0, head=1.0)),
+            stem=1.0, stage1=1.0, stage2=1.0, stage3=1.0, stage4=1.0, backbone=1.0, head=1.0,
+            entry=1.0, middle=1.0, exit=1.0)),
         num_devices=config_dict.placeholder(int),  # default: all devices
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(keep=2))

@@ -21,6 +21,7 @@ import pytest
 from flax import nnx, traverse_util
 
 import pneumojax.weights.convert as conv
+from pneumojax.weights import resnet
 from pneumojax.cli import UserError
 from pneumojax.models.resnet import ResNet50
 
@@ -143,7 +144,7 @@ def test_torchvision_parity(state_dict):
     mean, std = (np.array(conv.PREPROCESSING["torch"][k], np.float32) for k in ("mean", "std"))
     expected = torch_features(state_dict, (x - mean) / std)
     model = build(in_channels=3, variant="v1.5")
-    conv.load_into(model, conv.from_torch(state_dict), conv.PREPROCESSING["torch"])
+    conv.load_into(model, resnet.from_torch(state_dict), conv.PREPROCESSING["torch"])
     got = np.asarray(pooled(model, jnp.asarray(x)))
     assert 0.1 < np.abs(expected).max() < 100  # O(1) features: the tolerance below means something
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
@@ -190,13 +191,13 @@ def test_keras_parity(tmp_path):
     path = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     write_keras_notop_h5(model, path)
     model.load_weights(path)  # Keras' own legacy reader accepts the file, and loads it
-    tree = conv.from_keras_h5(path)
+    tree = resnet.from_keras(path)
 
     x = images()
     caffe = keras.applications.resnet50.preprocess_input(255 * x)  # RGB -> BGR, minus mean
     expected = np.asarray(model(caffe, training=False))
     flax_model = build(in_channels=3, variant="v1")
-    conv.load_into(flax_model, tree, conv.PREPROCESSING["keras"])
+    conv.load_into(flax_model, tree, conv.PREPROCESSING["caffe"])
     got = np.asarray(pooled(flax_model, jnp.asarray(x)))
     assert 0.1 < np.abs(expected).max() < 100
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
@@ -204,16 +205,16 @@ def test_keras_parity(tmp_path):
     # Keras 3's own legacy `.h5` (full model: `model_weights/`, no ":0") converts the same,
     # and so does a file without the `layer_names`/`weight_names` attributes.
     model.save(tmp_path / "keras3.h5")
-    assert_same_tree(conv.from_keras_h5(tmp_path / "keras3.h5"), tree)
+    assert_same_tree(resnet.from_keras(tmp_path / "keras3.h5"), tree)
     with h5py.File(path, "a") as f:
         del f.attrs["layer_names"]
         for group in f.values():
             del group.attrs["weight_names"]
-    assert_same_tree(conv.from_keras_h5(path), tree)
+    assert_same_tree(resnet.from_keras(path), tree)
 
 
 def test_grayscale_equals_replicated_rgb(state_dict):
-    tree = conv.from_torch(state_dict)
+    tree = resnet.from_torch(state_dict)
     gray_tree, gray_pre = conv.to_grayscale(tree, conv.PREPROCESSING["torch"])
     assert gray_tree["conv1"]["kernel"].shape == (7, 7, 1, 64)
     assert tree["conv1"]["kernel"].shape == (7, 7, 3, 64)  # the input tree is left alone
@@ -268,7 +269,7 @@ def test_safetensors_needs_no_torch(state_dict, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` now fails
     loaded = conv.load_state_dict(path)
     assert_same_tree(loaded, state_dict)
-    assert_same_tree(conv.from_torch(loaded), conv.from_torch(state_dict))
+    assert_same_tree(resnet.from_torch(loaded), resnet.from_torch(state_dict))
     with pytest.raises(UserError, match="pip install torch"):
         conv.load_state_dict(tmp_path / "model.pth")
     with pytest.raises(ValueError, match="safetensors"):
@@ -294,36 +295,37 @@ def test_load_into_names_every_problem():
 
 def test_converters_reject_foreign_names(state_dict):
     with pytest.raises(ValueError, match="layer1.0.se.fc1.weight"):
-        conv.from_torch({**state_dict, "layer1.0.se.fc1.weight": np.zeros((4, 256, 1, 1))})
+        resnet.from_torch({**state_dict, "layer1.0.se.fc1.weight": np.zeros((4, 256, 1, 1))})
 
 
 def test_check_names_what_does_not_fit(state_dict):
-    tree = conv.from_torch(state_dict)
-    conv.check(tree, "v1.5")
+    tree = resnet.from_torch(state_dict)
+    conv.check(tree, "resnet50", variant="v1.5")
     resnet101 = {**state_dict, **{f"layer3.{b}.conv1.weight": np.zeros((256, 1024, 1, 1))
                                   for b in range(6, 23)}}
-    with pytest.raises(conv.NotResNet50, match=r"unexpected: layer3.10.conv1.kernel.*and 11 more"):
-        conv.check(conv.from_torch(resnet101), "v1.5")
-    with pytest.raises(conv.NotResNet50, match="missing: conv1.bias"):
-        conv.check(tree, "v1")  # Keras' v1 has conv biases: torch weights do not fit it
+    with pytest.raises(conv.WrongWeights, match=r"unexpected: layer3.10.conv1.kernel.*and 11 more"):
+        conv.check(resnet.from_torch(resnet101), "resnet50", variant="v1.5")
+    with pytest.raises(conv.WrongWeights, match="missing: conv1.bias"):
+        # Keras' v1 has conv biases: torch weights do not fit it
+        conv.check(tree, "resnet50", variant="v1")
     nan = {**state_dict, "bn1.running_var": np.full(64, np.nan, np.float32)}
-    with pytest.raises(conv.NotResNet50, match="not finite: bn1.var"):
-        conv.check(conv.from_torch(nan), "v1.5")
+    with pytest.raises(conv.WrongWeights, match="not finite: bn1.var"):
+        conv.check(resnet.from_torch(nan), "resnet50", variant="v1.5")
     squashed = {**state_dict, "conv1.weight": np.zeros(64, np.float32)}  # no 4-D kernel to turn
-    with pytest.raises(conv.NotResNet50, match=r"conv1.kernel is \(64,\)"):
-        conv.check(conv.from_torch(squashed), "v1.5")
+    with pytest.raises(conv.WrongWeights, match=r"conv1.kernel is \(64,\)"):
+        conv.check(resnet.from_torch(squashed), "resnet50", variant="v1.5")
 
 
 def test_a_classifier_with_another_head_is_not_the_imagenet_file(state_dict, tmp_path):
     ten_classes = {**state_dict, "fc.weight": np.zeros((10, 2048), np.float32)}
-    with pytest.raises(conv.NotResNet50, match=r"fc.weight is \(10, 2048\).*fine-tuned"):
-        conv.from_torch(ten_classes)
+    with pytest.raises(conv.WrongWeights, match=r"fc.weight is \(10, 2048\).*fine-tuned"):
+        resnet.from_torch(ten_classes)
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "top.h5", "w") as f:
         f.create_dataset("predictions/predictions/kernel:0", data=np.zeros((2048, 2), np.float32))
-    with pytest.raises(conv.NotResNet50, match=r"predictions/kernel is \(2048, 2\)"):
-        conv.from_keras_h5(tmp_path / "top.h5")
+    with pytest.raises(conv.WrongWeights, match=r"predictions/kernel is \(2048, 2\)"):
+        resnet.from_keras(tmp_path / "top.h5")
     with h5py.File(tmp_path / "vgg.h5", "w") as f:
         f.create_dataset("block1_conv1/block1_conv1/kernel:0", data=np.zeros((3, 3, 3, 64)))
-    with pytest.raises(conv.NotResNet50, match="not a ResNet50 layer: 'block1_conv1'"):
-        conv.from_keras_h5(tmp_path / "vgg.h5")
+    with pytest.raises(conv.WrongWeights, match="not a ResNet50 layer: 'block1_conv1'"):
+        resnet.from_keras(tmp_path / "vgg.h5")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pneumojax import cli, weights
-from pneumojax.weights import convert
+from pneumojax.weights import resnet
 from pneumojax.weights.__main__ import main
 from tests.test_weights_convert import _Exploit, torchvision_state_dict
 
@@ -65,7 +65,7 @@ def good_cache(state_dict, tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("good")
     path = root / "resnet50-11ad3fa6.pth"
     path.write_bytes(torch_bytes(tensors(state_dict)))
-    weights.convert_file(path, SOURCE, cache=root / "cache")
+    weights.convert_file(path, "resnet50", SOURCE, cache=root / "cache")
     return root / "cache"
 
 
@@ -98,9 +98,9 @@ def test_a_wrong_file_never_replaces_a_good_conversion(cache, state_dict, tmp_pa
         err = run(["convert", str(path), "--source", SOURCE, "--cache-dir", str(cache)], capsys)
         assert str(path) in err and reason in err, (name, err)
         assert snapshot(cache) == before, name
-    tree, _, _ = weights.load(SOURCE, cache=cache)
+    tree, _, _ = weights.load("resnet50", SOURCE, cache=cache)
     np.testing.assert_array_equal(tree["conv1"]["kernel"],
-                                  convert.from_torch(state_dict)["conv1"]["kernel"])
+                                  resnet.from_torch(state_dict)["conv1"]["kernel"])
 
 
 @pytest.fixture
@@ -109,10 +109,11 @@ def serve(http_server, monkeypatch):
     digest of `content`, so that only the model check stands between it and the cache."""
     def serve(content: bytes) -> str:
         http_server.files["/resnet50.pth"] = content
-        source = dataclasses.replace(weights.SOURCES[SOURCE],
+        source = dataclasses.replace(weights.SOURCES["resnet50"][SOURCE],
                                      url=f"{http_server.base}/resnet50.pth",
                                      sha256=hashlib.sha256(content).hexdigest())
-        monkeypatch.setattr(weights, "SOURCES", {**weights.SOURCES, SOURCE: source})
+        monkeypatch.setitem(weights.SOURCES, "resnet50",
+                            {**weights.SOURCES["resnet50"], SOURCE: source})
         return source.url
     serve.server = http_server
     return serve
@@ -138,7 +139,7 @@ def test_a_fetch_cut_short_is_resumed_and_never_trusted(tmp_path, state_dict, se
     assert url in err and "retry to resume" in err
     downloads = tmp_path / "downloads"
     assert [p.name for p in downloads.iterdir()] == ["resnet50-11ad3fa6.pth.partial"]
-    assert not weights.is_cached(SOURCE, cache=tmp_path)
+    assert not weights.is_cached("resnet50", SOURCE, cache=tmp_path)
     serve.server.mode = "range"
     assert cli.run(main, argv) == 0
     assert serve.server.requests[-1][1] == f"bytes={len(content) // 2}-"
@@ -167,7 +168,7 @@ def test_a_conversion_cut_short_leaves_the_old_one_and_no_staging(patch, cache, 
     path.write_bytes(torch_bytes(tensors(state_dict)))
     monkeypatch.setattr(*patch)
     with pytest.raises(KeyboardInterrupt):
-        weights.convert_file(path, SOURCE, cache=cache)
+        weights.convert_file(path, "resnet50", SOURCE, cache=cache)
     assert snapshot(cache) == before
     assert sorted(p.name for p in (cache / "weights").iterdir()) == [f"resnet50-{SOURCE}"]
 
@@ -244,10 +245,11 @@ def test_an_unsafe_pickle_is_refused_without_advice_to_load_it_anyway(
 
 
 @pytest.mark.parametrize("argv, choices", [
-    (["fetch", "resnet18", "--source", "keras"], ["resnet50"]),
-    (["fetch", "resnet50", "--source", "imagenet"], list(weights.SOURCES)),
-    (["convert", "x.pth", "--source", "imagenet"], list(weights.SOURCES)),
-    (["convert", "mystery.bin"], list(weights.SOURCES)),
+    (["fetch", "resnet18", "--source", "keras"], ["resnet50", "xception"]),
+    (["fetch", "resnet50", "--source", "imagenet"], list(weights.SOURCES["resnet50"])),
+    (["fetch", "xception", "--source", "timm-a1"], ["unknown xception weight source", "keras"]),
+    (["convert", "x.pth", "--source", "imagenet"], list(weights.SOURCES["resnet50"])),
+    (["convert", "mystery.bin"], [*weights.SOURCES["resnet50"], "--model", "--source"]),
     (["frobnicate"], ["fetch", "convert", "list"]),
 ])
 def test_an_unknown_name_is_one_line_with_the_choices(argv, choices, capsys):
@@ -256,8 +258,11 @@ def test_an_unknown_name_is_one_line_with_the_choices(argv, choices, capsys):
 
 
 def test_an_unknown_source_in_a_config_lists_the_choices():
-    with pytest.raises(cli.UserError, match="unknown weight source 'imagenet'; choose from keras"):
-        weights.load("imagenet")
+    with pytest.raises(cli.UserError,
+                       match="unknown resnet50 weight source 'imagenet'; choose from keras"):
+        weights.load("resnet50", "imagenet")
+    with pytest.raises(cli.UserError, match="no ImageNet weights for model 'vgg'.*resnet50"):
+        weights.load("vgg", "keras")
 
 
 @pytest.mark.parametrize("damage", ["source.json", "params"])
@@ -268,4 +273,4 @@ def test_a_damaged_cache_entry_says_how_to_remake_it(damage, cache):
     else:
         target.write_text("{")
     with pytest.raises(cli.UserError, match=f"damaged.*fetch resnet50 --source {SOURCE}"):
-        weights.load(SOURCE, cache=cache)
+        weights.load("resnet50", SOURCE, cache=cache)

@@ -31,9 +31,9 @@ on a tiny input, and the tests run it over every registered model:
 
 Optional class attributes: `LESION_KWARGS`, the constructor keywords under which the model
 also records per-cell scores `lesion_logits` (B, h, w), which `train.lesion_weight` fits to
-lesion masks; `IMAGENET_WEIGHTS = True` where `pneumojax.weights` ports ImageNet weights into
-the model (`model.init=imagenet:SOURCE`); `TINY_KWARGS`, the keywords of a small instance
-that tests and `contract.check` build.
+lesion masks; `TINY_KWARGS`, the keywords of a small instance that tests and
+`contract.check` build. ImageNet weights (`model.init=imagenet:SOURCE`) exist for the models
+that `pneumojax.weights.SOURCES` lists.
 
 Adding a model is one registration, checked at once against the declarations:
 
@@ -53,6 +53,7 @@ from flax import nnx
 from pneumojax.models import contract
 from pneumojax.models.cnn import DeepCNN, ShallowCNN
 from pneumojax.models.resnet import ResNet50
+from pneumojax.models.xception import Xception
 
 M = TypeVar("M", bound=type[nnx.Module])
 
@@ -114,6 +115,7 @@ def count_params(model: nnx.Module, kind: nnx.filterlib.Filter = nnx.Param) -> i
 register("shallow_cnn")(ShallowCNN)
 register("deep_cnn")(DeepCNN)
 register("resnet50")(ResNet50)
+register("xception")(Xception)
 
-__all__ = ["MODELS", "DeepCNN", "ResNet50", "ShallowCNN", "contract", "count_params", "create",
-           "get", "register", "transfer_groups"]
+__all__ = ["MODELS", "DeepCNN", "ResNet50", "ShallowCNN", "Xception", "contract", "count_params",
+           "create", "get", "register", "transfer_groups"]

@@ -106,11 +106,10 @@ class ResNet50(nnx.Module):
     """
 
     # The contract of pneumojax.models: transfer groups, thawed top down by
-    # train.freeze=progressive; ImageNet weights (pneumojax.weights); a test-sized build.
+    # train.freeze=progressive; a test-sized build.
     TRANSFER_GROUPS = {"conv1": "stem", "bn1": "stem", "layer1": "stage1", "layer2": "stage2",
                        "layer3": "stage3", "layer4": "stage4", "head": "head"}
     UNFREEZE_ORDER = ("stage4", "stage3", "stage2", "stage1", "stem")
-    IMAGENET_WEIGHTS = True
     TINY_KWARGS = dict(width=4, stage_sizes=(1, 1, 1, 1))
 
     def __init__(

@@ -47,8 +47,8 @@ def _load_imagenet(model: nnx.Module, config: ml_collections.ConfigDict) -> None
     from pneumojax.weights import convert
 
     name = config.model.init.partition(":")[2]  # config_check: imagenet:SOURCE
-    tree, preprocessing, variant = weights.load(name)
-    if variant != config.model.kwargs.get("variant", "v1.5"):  # the cached file's own
+    tree, preprocessing, variant = weights.load(config.model.name, name)
+    if variant and variant != config.model.kwargs.get("variant", "v1.5"):  # the file's own
         raise ValueError(f"{name} weights are ResNet50 {variant}; add "
                          f"--config.model.kwargs.variant={variant}")
     convert.load_into(model, *convert.to_grayscale(tree, preprocessing))

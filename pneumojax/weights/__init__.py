@@ -1,11 +1,13 @@
-"""ImageNet ResNet50 weights: the official files, fetched, verified, converted and cached.
+"""ImageNet weights (ResNet50, Xception): the official files, fetched, verified, converted
+and cached.
 
-The cache (`$PNEUMOJAX_CACHE`, default `~/.cache/pneumojax`) holds the downloaded file under
-`downloads/` and its conversion as an orbax checkpoint under `weights/resnet50-<source>/`,
-so training never re-converts and never needs torch or h5py once the cache is filled.
+`SOURCES[model][source]` is each published file. The cache (`$PNEUMOJAX_CACHE`, default
+`~/.cache/pneumojax`) holds the downloaded file under `downloads/` and its conversion as an
+orbax checkpoint under `weights/<model>-<source>/`, so training never re-converts and never
+needs torch or h5py once the cache is filled.
 
 A download keeps its final name only once its checksum matched, and a conversion is written
-only after every name and shape fitted ResNet50, to a staging folder swapped in whole. A wrong
+only after every name and shape fitted the model, to a staging folder swapped in whole. A wrong
 or damaged file fails with one line and the cache stays as it was. A download that matched its
 checksum but fails the model check stays in `downloads/`: each fetch verifies it again against
 the digest in force, so a corrected digest or file replaces it, and no fetch caches its
@@ -28,34 +30,52 @@ import orbax.checkpoint as ocp
 from pneumojax.cli import UserError
 from pneumojax.data import download
 from pneumojax.weights import convert as conv
+from pneumojax.weights import resnet, xception
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
     url: str
     file_name: str
-    family: str  # "torch" or "keras": naming and preprocessing of the file
-    variant: str  # the ResNet50 topology the weights were trained with
+    family: str  # "torch" or "keras": how the file is read
+    preprocessing: str  # what the weights expect (convert.PREPROCESSING)
+    variant: str | None = None  # the ResNet50 topology the weights were trained with
     md5: str | None = None
     sha256: str | None = None  # None: taken from the hub's LFS metadata at download time
     top1: str = ""
 
 
-SOURCES = {
-    "keras": Source(
-        "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
-        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "keras", "v1",
-        md5="4d473c1dd8becc155b73f8504c6f6626", top1="74.9 %"),
-    "torchvision-v1": Source(
-        "https://download.pytorch.org/models/resnet50-0676ba61.pth", "resnet50-0676ba61.pth",
-        "torch", "v1.5", sha256="0676ba61", top1="76.13 %"),
-    "torchvision-v2": Source(
-        "https://download.pytorch.org/models/resnet50-11ad3fa6.pth", "resnet50-11ad3fa6.pth",
-        "torch", "v1.5", sha256="11ad3fa6", top1="80.86 %"),
-    "timm-a1": Source(
-        "https://huggingface.co/timm/resnet50.a1_in1k/resolve/main/model.safetensors",
-        "resnet50.a1_in1k.safetensors", "torch", "v1.5", top1="see card"),
+_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+SOURCES: dict[str, dict[str, Source]] = {
+    "resnet50": {
+        "keras": Source(
+            _KERAS_APPS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "keras", "caffe", "v1",
+            md5="4d473c1dd8becc155b73f8504c6f6626", top1="74.9 %"),
+        "torchvision-v1": Source(
+            "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+            "resnet50-0676ba61.pth", "torch", "torch", "v1.5", sha256="0676ba61",
+            top1="76.13 %"),
+        "torchvision-v2": Source(
+            "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+            "resnet50-11ad3fa6.pth", "torch", "torch", "v1.5", sha256="11ad3fa6",
+            top1="80.86 %"),
+        "timm-a1": Source(
+            "https://huggingface.co/timm/resnet50.a1_in1k/resolve/main/model.safetensors",
+            "resnet50.a1_in1k.safetensors", "torch", "torch", "v1.5", top1="see card"),
+    },
+    "xception": {
+        "keras": Source(
+            _KERAS_APPS + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", "keras", "tf",
+            md5="b0042744bf5b25fce3cb969f33bebb97", top1="79.0 %"),
+    },
+}
+# Per model and family: file -> backbone tree (`submodel`: a backbone inside a Keras model).
+_READERS = {
+    ("resnet50", "torch"): lambda path, submodel: resnet.from_torch(conv.load_state_dict(path)),
+    ("resnet50", "keras"): resnet.from_keras,
+    ("xception", "keras"): xception.from_keras,
 }
 
 
@@ -64,14 +84,19 @@ def cache_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(root).expanduser()
 
 
-def _source(name: str) -> Source:
-    if name not in SOURCES:
-        raise UserError(f"unknown weight source {name!r}; choose from {', '.join(SOURCES)}")
-    return SOURCES[name]
+def source(model: str, name: str) -> Source:
+    """`SOURCES[model][name]`, or one line naming the models and sources there are."""
+    if model not in SOURCES:
+        raise UserError(f"no ImageNet weights for model {model!r}; they exist for "
+                        f"{', '.join(SOURCES)}")
+    if name not in SOURCES[model]:
+        raise UserError(f"unknown {model} weight source {name!r}; choose from "
+                        f"{', '.join(SOURCES[model])}")
+    return SOURCES[model][name]
 
 
-def _converted_dir(name: str, cache: str | os.PathLike | None) -> pathlib.Path:
-    return cache_dir(cache) / "weights" / f"resnet50-{name}"
+def _converted_dir(model: str, name: str, cache: str | os.PathLike | None) -> pathlib.Path:
+    return cache_dir(cache) / "weights" / f"{model}-{name}"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -99,48 +124,53 @@ def hub_sha256(url: str, timeout: float = 30.0) -> str:
     return etag
 
 
-def fetch(name: str, *, cache: str | os.PathLike | None = None, sha256: str | None = None,
-          progress: bool = True) -> pathlib.Path:
-    """Downloads the official file of source `name`, verifies it, converts and caches it."""
-    src = _source(name)
+def fetch(model: str, name: str, *, cache: str | os.PathLike | None = None,
+          sha256: str | None = None, progress: bool = True) -> pathlib.Path:
+    """Downloads the official file of `model`'s source `name`, verifies it, converts and
+    caches it."""
+    src = source(model, name)
     dest = cache_dir(cache) / "downloads" / src.file_name
     hint = (f"Offline? Download {src.url} yourself, then run "
-            f"`python -m pneumojax.weights convert PATH --source {name}`.")
+            f"`python -m pneumojax.weights convert PATH --model {model} --source {name}`.")
     try:
         digest = sha256 or src.sha256 or (None if src.md5 else hub_sha256(src.url))
     except download.DownloadError as e:
         raise download.DownloadError(f"{e}\n{hint}") from e
     path = download.download(src.url, dest, md5=src.md5, sha256=digest, hint=hint,
                              progress=progress)
-    return convert_file(path, name, cache=cache)
+    return convert_file(path, model, name, cache=cache)
 
 
-def convert_file(path: str | os.PathLike, name: str, *, cache: str | os.PathLike | None = None
+def convert_file(path: str | os.PathLike, model: str, name: str, *,
+                 cache: str | os.PathLike | None = None, submodel: str | None = None
                  ) -> pathlib.Path:
-    """Converts a weight file the user already has into the cache, as source `name`.
+    """Converts a weight file the user already has into the cache, as `model`'s source
+    `name`; `submodel` names the backbone inside a bigger saved Keras model.
 
-    The file is read and checked against ResNet50 before the cache is touched.
+    The file is read and checked against the model before the cache is touched.
     """
-    src, path = _source(name), pathlib.Path(path)
-    tree = _read(path, name, src)
-    out = _converted_dir(name, cache)
-    _write_atomically(out, tree, dict(source=name, file=str(path), variant=src.variant,
-                                      preprocessing=conv.PREPROCESSING[src.family]))
+    src, path = source(model, name), pathlib.Path(path)
+    tree = _read(path, model, name, src, submodel)
+    out = _converted_dir(model, name, cache)
+    _write_atomically(out, tree, dict(model=model, source=name, file=str(path),
+                                      variant=src.variant,
+                                      preprocessing=conv.PREPROCESSING[src.preprocessing]))
     return out
 
 
-def _read(path: pathlib.Path, name: str, src: Source) -> dict:
-    """The backbone tree in `path`, or one line saying why it is not `name`'s ResNet50."""
+def _read(path: pathlib.Path, model: str, name: str, src: Source, submodel: str | None
+          ) -> dict:
+    """The backbone tree in `path`, or one line saying why it is not `name`'s weights."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    what = f"{model} {src.variant}" if src.variant else model
     try:
-        tree = conv.from_keras_h5(path) if src.family == "keras" else conv.from_torch(
-            conv.load_state_dict(path))
-        conv.check(tree, src.variant)
-    except conv.NotResNet50 as e:
-        raise UserError(f"{path}: not the ResNet50 {src.variant} weights that {name} publishes "
-                        f"({e}); convert the file from {src.url}, or pass the --source this "
-                        f"one came from ({', '.join(SOURCES)})") from e
+        tree = _READERS[model, src.family](path, submodel)
+        conv.check(tree, model, **({"variant": src.variant} if src.variant else {}))
+    except conv.WrongWeights as e:
+        raise UserError(f"{path}: not the {what} weights that {name} publishes ({e}); "
+                        f"convert the file from {src.url}, or pass the --source this one "
+                        f"came from ({', '.join(SOURCES[model])})") from e
     return tree
 
 
@@ -167,18 +197,19 @@ def _write_atomically(out: pathlib.Path, tree: dict, meta: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def is_cached(name: str, *, cache: str | os.PathLike | None = None) -> bool:
-    return (_converted_dir(name, cache) / "source.json").exists()
+def is_cached(model: str, name: str, *, cache: str | os.PathLike | None = None) -> bool:
+    return (_converted_dir(model, name, cache) / "source.json").exists()
 
 
-def load(name: str, *, cache: str | os.PathLike | None = None) -> tuple[dict, dict, str]:
+def load(model: str, name: str, *, cache: str | os.PathLike | None = None
+         ) -> tuple[dict, dict, str | None]:
     """(backbone tree, preprocessing, variant) of a cached conversion."""
-    _source(name)
-    out = _converted_dir(name, cache)
-    if not is_cached(name, cache=cache):
+    source(model, name)
+    out = _converted_dir(model, name, cache)
+    if not is_cached(model, name, cache=cache):
         raise FileNotFoundError(
-            f"ImageNet weights {name!r} are not in the cache ({out}). Fetch them with:\n"
-            f"    python -m pneumojax.weights fetch resnet50 --source {name}")
+            f"ImageNet weights {model} {name!r} are not in the cache ({out}). Fetch them "
+            f"with:\n    python -m pneumojax.weights fetch {model} --source {name}")
     try:
         meta = json.loads((out / "source.json").read_text())
         preprocessing = {k: tuple(v) for k, v in meta["preprocessing"].items()}  # JSON: lists
@@ -186,7 +217,7 @@ def load(name: str, *, cache: str | os.PathLike | None = None) -> tuple[dict, di
         return _int_keys(tree), preprocessing, meta["variant"]
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise UserError(f"{out}: the cached conversion is damaged ({type(e).__name__}: {e}); "
-                        f"make it again with python -m pneumojax.weights fetch resnet50 "
+                        f"make it again with python -m pneumojax.weights fetch {model} "
                         f"--source {name}") from e
 
 
