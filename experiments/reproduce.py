@@ -7,10 +7,12 @@
         --set deep_cnn:model.kwargs.widths='(8, 8, 16, 16)'
 
 Writes experiments/results/table.md and table.json (`--out DIR` elsewhere). Rows: the shallow
-CNN, the deep CNN, ResNet50 from scratch, and ResNet50 fine-tuned from ImageNet, which is
+CNN, the deep CNN, ResNet50 from scratch and fine-tuned from ImageNet, and Xception with a
+frozen ImageNet backbone, fine-tuned from ImageNet and from scratch. A row from ImageNet is
 skipped, with the reason in the table, when its weights are not cached (`python -m
-pneumojax.weights fetch resnet50 --source torchvision-v2`) or, under `--cpu`, when there is
-no GPU. `--cpu` runs each model's `:cpu` config (64 px): about 20 minutes on a 2-core CPU.
+pneumojax.weights fetch MODEL --source SOURCE`); under `--cpu`, a row with no CPU-feasible
+size is skipped when there is no GPU. `--cpu` runs each model's `:cpu` configs (64 px; 128
+px for Xception): about 50 minutes on a 2-core CPU.
 
 Each row trains in WORKDIR_ROOT/ROW (`_cpu` added under `--cpu`). A finished workdir of the
 same config is reused, not retrained, and an interrupted one resumes; `--retrain` starts over.
@@ -62,7 +64,8 @@ class Row:
     name: str
     label: str
     config: str  # configs/FILE.py[:ARG]: the full run
-    cpu_config: str | None  # the --cpu profile's run; None: no CPU-feasible size
+    cpu_config: str | None  # the --cpu profile's run; None: no CPU-feasible size, because
+    no_cpu: str = ""
 
 
 ROWS = (
@@ -70,7 +73,14 @@ ROWS = (
     Row("deep_cnn", "Deep CNN", "configs/deep_cnn.py", "configs/deep_cnn.py:cpu"),
     Row("resnet50_scratch", "ResNet50, from scratch", "configs/resnet50.py:scratch",
         "configs/resnet50.py:cpu"),
-    Row("resnet50_imagenet", "ResNet50, from ImageNet", "configs/resnet50.py", None),
+    Row("resnet50_imagenet", "ResNet50, from ImageNet", "configs/resnet50.py", None,
+        "the 224 px ResNet50 trains at about 2 images/s on a CPU"),
+    Row("xception_frozen", "Xception, ImageNet, frozen backbone", "configs/xception.py:frozen",
+        "configs/xception.py:cpu_frozen"),
+    Row("xception_imagenet", "Xception, from ImageNet, fine-tuned", "configs/xception.py",
+        "configs/xception.py:cpu"),
+    Row("xception_scratch", "Xception, from scratch", "configs/xception.py:scratch", None,
+        "every layer training, Xception runs at about 8 images/s at 96 px on 2 cores"),
 )
 
 PUBLISHED = (
@@ -152,7 +162,7 @@ def skip_reasons(row: Row, config: ml_collections.ConfigDict, cpu: bool) -> list
         reasons.append(f"weights not cached: run python -m pneumojax.weights fetch "
                        f"{config.model.name} --source {source}")
     if cpu and row.cpu_config is None and jax.default_backend() == "cpu":
-        reasons.append("no GPU: the 224 px ResNet50 trains at about 2 images/s on a CPU")
+        reasons.append(f"no GPU: {row.no_cpu}")
     return reasons
 
 
