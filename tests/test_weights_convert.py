@@ -51,6 +51,8 @@ def random_weight(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
     if name in ("kernel", "weight") and len(shape) == 4:
         fan_in = np.prod(shape[:-1]) if name == "kernel" else np.prod(shape[1:])
         value = rng.normal(0, np.sqrt(2 / fan_in), shape)
+    elif name in ("depthwise_kernel", "pointwise_kernel"):  # (kh, kw, C, 1), (1, 1, C, O)
+        value = rng.normal(0, np.sqrt(1 / np.prod(shape[:3 if name[0] == "p" else 2])), shape)
     elif name in ("gamma", "weight"):
         value = rng.uniform(0.5, 1.0, shape)
     elif name in ("moving_variance", "running_var"):
@@ -150,8 +152,17 @@ def test_torchvision_parity(state_dict):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
-def write_keras_notop_h5(model, path, seed: int = 0) -> None:
-    """Random weights for a Keras ResNet50, laid out like the official notop `.h5`.
+def randomize_keras(model, scale, seed: int = 0) -> None:
+    """Seeded plausible weights (`random_weight`) into every layer of a Keras model, each
+    times `scale(layer name, weight name)`."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        layer.set_weights([random_weight(w.name, tuple(w.shape), rng) * scale(layer.name, w.name)
+                           for w in layer.weights])
+
+
+def write_keras_notop_h5(model, path) -> None:
+    """A Keras model's weights, laid out like the official notop `.h5` files.
 
     Keras 3 cannot write this layout: `save_weights` insists on `.weights.h5` (a new
     layout, `layers/<name>/vars/0`) and `model.save("x.h5")` nests the weights under
@@ -161,7 +172,6 @@ def write_keras_notop_h5(model, path, seed: int = 0) -> None:
     """
     import h5py
 
-    rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
         f.attrs["layer_names"] = np.array([layer.name.encode() for layer in model.layers])
         f.attrs["backend"] = b"tensorflow"
@@ -172,12 +182,15 @@ def write_keras_notop_h5(model, path, seed: int = 0) -> None:
             names = [f"{layer.name}/{w.name}:0" for w in weights]
             group.attrs["weight_names"] = np.array([n.encode() for n in names], dtype="S")
             for name, w in zip(names, weights):
-                value = random_weight(w.name, tuple(w.shape), rng)
-                if w.name == "gamma" and layer.name.endswith("_3_bn"):
-                    value *= 0.3  # keep the residual sums O(1), as in the torch test
-                if layer.name == "conv1_conv" and w.name == "kernel":
-                    value /= 64  # caffe inputs span 0-255: a trained stem's weights are small
-                group.create_dataset(name, data=value)
+                group.create_dataset(name, data=np.asarray(w))
+
+
+def _resnet_scale(layer: str, weight: str) -> float:
+    if weight == "gamma" and layer.endswith("_3_bn"):
+        return 0.3  # keep the residual sums O(1), as in the torch test
+    if layer == "conv1_conv" and weight == "kernel":
+        return 1 / 64  # caffe inputs span 0-255: a trained stem's weights are small
+    return 1.0
 
 
 @pytest.mark.slow
@@ -189,8 +202,9 @@ def test_keras_parity(tmp_path):
     model = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg",
                                         input_shape=(SIZE, SIZE, 3))
     path = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    randomize_keras(model, _resnet_scale)
     write_keras_notop_h5(model, path)
-    model.load_weights(path)  # Keras' own legacy reader accepts the file, and loads it
+    model.load_weights(path)  # Keras' own legacy reader accepts the file
     tree = resnet.from_keras(path)
 
     x = images()

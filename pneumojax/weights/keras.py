@@ -139,6 +139,8 @@ def _keras3(root, layers: list[dict], submodel: str | None, path: pathlib.Path) 
                                  "not know")
         flags = layer["config"]
         names = [leaf for leaf, flag in leaves if flag is None or flags.get(flag, True)]
+        if not any(flag in flags for _, flag in leaves):  # no config: the optional ones last
+            names = [leaf for leaf, _ in leaves][:len(arrays)]
         if len(names) != len(arrays):
             raise WrongWeights(f"layer {layer['config']['name']!r} ({p}) has "
                                  f"{len(arrays)} variables, a {layer['class_name']} "

@@ -78,7 +78,7 @@ def from_keras(path: str | pathlib.Path, submodel: str | None = None) -> Tree:
         elif match := _SEPCONV.fullmatch(layer):
             block, k, bn = match.groups()
             module = (*_flow(int(block)), "units", int(k) - 1, *(("bn",) if bn else ()))
-        elif weights.keys() == {"kernel"}:
+        elif weights.keys() == {"kernel"} and weights["kernel"].shape[:2] == (1, 1):
             shortcut_convs.append((layer, weights))
             continue
         elif weights.keys() == {"gamma", "beta", "moving_mean", "moving_variance"}:
