@@ -255,8 +255,8 @@ def _model_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         source = init.partition(":")[2]
         if source not in weights.SOURCES.get(name, {}):
             ported = [f"{m} ({', '.join(s)})" for m, s in weights.SOURCES.items()]
-            yield _problem("model.init", init, f"ImageNet weights exist for {'; '.join(ported)}"
-                           f" only", "set --config.model.init=scratch or one of those")
+            yield _problem("model.init", init, f"{name} has no such ImageNet weights; they "
+                           f"exist for {', '.join(ported)}", "set --config.model.init=scratch")
         elif (variant := weights.SOURCES[name][source].variant) and kwargs.get(
                 "variant", "v1.5") != variant:
             yield _problem("model.init", init, f"these are ResNet50 {variant} weights",

@@ -54,7 +54,7 @@ def test_the_schema_has_a_rule_for_each_field_of_the_defaults_and_no_other():
     ("train.threshold", "sensitivity:1.5", "e.g. sensitivity:0.95"),
     ("train.threshold", "sensitivity:high", "e.g. sensitivity:0.95"),
     ("model.init", "imagenet:torchvision", "imagenet:SOURCE with SOURCE one of keras, "
-                                           "torchvision-v1, torchvision-v2, timm-a1"),
+                                           "timm-a1, torchvision-v1, torchvision-v2"),
     ("model.init", "random", "choose scratch or imagenet:SOURCE"),
     ("model.dtype", "float64", "choose one of float32, bfloat16"),
     ("model.name", "resnet", "choose one of shallow_cnn, deep_cnn, resnet50"),
@@ -129,8 +129,9 @@ def test_the_model_arguments_are_checked_against_the_model():
 def test_the_fields_that_depend_on_each_other_agree():
     c = shallow_cnn.get_config()
     c.model.init = "imagenet:torchvision-v2"
-    assert "ImageNet weights exist for resnet50 only; set --config.model.init=scratch" in (
-        problem(c))
+    assert ("shallow_cnn has no such ImageNet weights; they exist for resnet50 (keras, "
+            "torchvision-v1, torchvision-v2, timm-a1), xception (keras); set "
+            "--config.model.init=scratch") in problem(c)
     c = resnet50.get_config()
     c.model.init = "imagenet:keras"
     assert "these are ResNet50 v1 weights; add --config.model.kwargs.variant=v1" in problem(c)

@@ -125,7 +125,8 @@ def test_adding_a_model_is_one_registration(vgg):
     c.train.freeze = "progressive"
     config_check.validate(c, devices=1)  # its name, arguments and groups come from the class
     c.model.init = "imagenet:keras"
-    with pytest.raises(cli.UserError, match="ImageNet weights exist for resnet50 only"):
+    with pytest.raises(cli.UserError, match=f"{vgg} has no such ImageNet weights; they exist "
+                       r"for resnet50 \(keras, .*\), xception \(keras\)"):
         config_check.validate(c, devices=1)
 
     # One training step through pneumojax.transfer: the backbone frozen, the classifier trains.
