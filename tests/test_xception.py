@@ -50,7 +50,8 @@ def _scale(layer: str, weight: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras' own
-def test_every_keras_layout_converts_to_the_same_weights_and_keras_features(tmp_path):
+def test_every_keras_layout_converts_to_the_same_weights_and_keras_features(
+        tmp_path, http_server, monkeypatch, capsys):
     keras = pytest.importorskip("keras")
     pytest.importorskip("h5py")
     assert keras.backend.backend() == "jax"
@@ -61,6 +62,19 @@ def test_every_keras_layout_converts_to_the_same_weights_and_keras_features(tmp_
     write_keras_notop_h5(backbone, legacy)
     backbone.load_weights(legacy)  # Keras's own legacy reader accepts the file
     tree = xception.from_keras(legacy)
+
+    # The official file's layout, fetched: verified against its MD5, converted, cached.
+    http_server.files["/xception_notop.h5"] = content = legacy.read_bytes()
+    monkeypatch.setitem(weights.SOURCES, "xception", {"keras": dataclasses.replace(
+        weights.SOURCES["xception"]["keras"], url=f"{http_server.base}/xception_notop.h5",
+        md5=hashlib.md5(content).hexdigest())})
+    argv = ["fetch", "xception", "--source", "keras", "--cache-dir", str(tmp_path / "cache")]
+    assert cli.run(main, argv) == 0
+    assert "--config.model.name=xception --config.model.init=imagenet:keras" in (
+        capsys.readouterr().out)
+    cached, preprocessing, _ = weights.load("xception", "keras", cache=tmp_path / "cache")
+    assert_same_tree(cached, tree)
+    assert preprocessing == {k: tuple(v) for k, v in conv.PREPROCESSING["tf"].items()}
 
     backbone.save_weights(tmp_path / "bare.weights.h5")  # Keras 3: names by class alone
     assert_same_tree(xception.from_keras(tmp_path / "bare.weights.h5"), tree)
