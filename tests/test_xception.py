@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from pneumojax import cli, models, weights
+from pneumojax import cli, config_check, models, transfer, weights
 from pneumojax.weights import convert as conv
 from pneumojax.weights import xception
 from pneumojax.weights.__main__ import main
@@ -163,3 +163,17 @@ def test_the_real_imagenet_xception_matches_keras_on_real_x_rays(wheel, tmp_path
     np.testing.assert_allclose(pooled(tree, preprocessing, rgb), expected, rtol=0, atol=1e-4)
     np.testing.assert_allclose(pooled(*conv.to_grayscale(tree, preprocessing), grey), expected,
                                rtol=0, atol=1e-4)
+
+
+def test_every_xception_config_is_valid_and_cpu_thaws_the_exit_flow_then_the_middle():
+    from configs import xception as configs
+
+    for arg in (None, *configs.VARIANTS):
+        config_check.validate(configs.get_config(arg), devices=1)
+    c = configs.get_config("cpu")
+    backbone = {"stem", "entry", "middle", "exit"}
+    assert [transfer.frozen_groups(c, epoch) for epoch in (0, 1, 2, 3.5)] == [
+        backbone, backbone - {"exit"}, {"stem", "entry"}, {"stem", "entry"}]
+    assert transfer.frozen_groups(configs.get_config("cpu_frozen"), 4) == backbone
+    with pytest.raises(ValueError, match="unknown argument 'gpu'.*:cpu_frozen"):
+        configs.get_config("gpu")
