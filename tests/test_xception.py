@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from pneumojax import cli, config_check, models, transfer, weights
+from pneumojax import cli, config_check, gradcam, models, transfer, weights
 from pneumojax.weights import convert as conv
 from pneumojax.weights import xception
 from pneumojax.weights.__main__ import main
@@ -177,3 +177,18 @@ def test_every_xception_config_is_valid_and_cpu_thaws_the_exit_flow_then_the_mid
     assert transfer.frozen_groups(configs.get_config("cpu_frozen"), 4) == backbone
     with pytest.raises(ValueError, match="unknown argument 'gpu'.*:cpu_frozen"):
         configs.get_config("gpu")
+
+
+def test_gradcam_reads_xceptions_stages_and_picks_the_last_fine_enough_one():
+    tiny = models.Xception.TINY_KWARGS
+    assert gradcam.default_layer("xception", 299, **tiny) == "exit"  # 10x10
+    assert gradcam.default_layer("xception", 128, **tiny) == "middle"  # exit is 4x4
+    assert gradcam.default_layer("xception", 71, **tiny) == "block3"  # 9x9; block4 is 5x5
+    model = models.contract.instance("xception", **tiny)
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    images = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 1), dtype=np.uint8)
+    for layer in ("stem", "block4", "middle", "exit"):
+        out = gradcam.cams(graphdef, dict(params=params, rest=rest), images, layer=layer)
+        maps = np.asarray(out["maps"])
+        assert maps.shape == (2, 96, 96) and np.isfinite(maps).all() and maps.max() > 0, layer
