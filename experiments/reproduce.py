@@ -12,7 +12,7 @@ frozen ImageNet backbone, fine-tuned from ImageNet and from scratch. A row from 
 skipped, with the reason in the table, when its weights are not cached (`python -m
 pneumojax.weights fetch MODEL --source SOURCE`); under `--cpu`, a row with no CPU-feasible
 size is skipped when there is no GPU. `--cpu` runs each model's `:cpu` configs (64 px; 128
-px for Xception): about 50 minutes on a 2-core CPU.
+px for Xception): about 80 minutes on a 2-core CPU.
 
 Each row trains in WORKDIR_ROOT/ROW (`_cpu` added under `--cpu`). A finished workdir of the
 same config is reused, not retrained, and an interrupted one resumes; `--retrain` starts over.
@@ -79,8 +79,8 @@ ROWS = (
         "configs/xception.py:cpu_frozen"),
     Row("xception_imagenet", "Xception, from ImageNet, fine-tuned", "configs/xception.py",
         "configs/xception.py:cpu"),
-    Row("xception_scratch", "Xception, from scratch", "configs/xception.py:scratch", None,
-        "every layer training, Xception runs at about 8 images/s at 96 px on 2 cores"),
+    Row("xception_scratch", "Xception, from scratch", "configs/xception.py:scratch",
+        "configs/xception.py:cpu_scratch"),
 )
 
 PUBLISHED = (
