@@ -192,3 +192,11 @@ def test_gradcam_reads_xceptions_stages_and_picks_the_last_fine_enough_one():
         out = gradcam.cams(graphdef, dict(params=params, rest=rest), images, layer=layer)
         maps = np.asarray(out["maps"])
         assert maps.shape == (2, 96, 96) and np.isfinite(maps).all() and maps.max() > 0, layer
+
+
+def test_a_source_two_models_publish_needs_the_model(tmp_path, capsys):
+    path = tmp_path / "weights.h5"
+    path.write_bytes(b"")
+    assert cli.run(main, ["convert", str(path), "--source", "keras"]) == 2
+    assert "source 'keras' exists for resnet50, xception; pass --model" in (
+        capsys.readouterr().err)

@@ -84,6 +84,9 @@ def _guess(path: str, model: str | None, source: str | None) -> tuple[str, str]:
     for found in (candidates, named):
         if len(found) == 1:
             return found[0][:2]
+    if source and not model and len(candidates) > 1:
+        raise cli.UserError(f"{path}: source {source!r} exists for "
+                            f"{', '.join(c[0] for c in candidates)}; pass --model")
     raise cli.UserError(f"{path}: cannot tell which published file this is; pass --model and "
                         f"--source ({_listing()})")
 
