@@ -220,6 +220,8 @@ def test_keras_parity(tmp_path):
     # and so does a file without the `layer_names`/`weight_names` attributes.
     model.save(tmp_path / "keras3.h5")
     assert_same_tree(resnet.from_keras(tmp_path / "keras3.h5"), tree)
+    model.save(tmp_path / "keras3.keras")  # Keras 3's archive: names come from its config
+    assert_same_tree(resnet.from_keras(tmp_path / "keras3.keras"), tree)
     with h5py.File(path, "a") as f:
         del f.attrs["layer_names"]
         for group in f.values():
