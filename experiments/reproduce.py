@@ -1,7 +1,7 @@
 """The results table in one command: train each model, score its best checkpoint, write the table.
 
     python experiments/reproduce.py                                        # synthetic phantoms
-    python experiments/reproduce.py --cpu --source folder:PATH/chest_xray  # about 20 min, 2 cores
+    python experiments/reproduce.py --cpu --source folder:PATH/chest_xray  # about 80 min, 2 cores
     python experiments/reproduce.py --source folder:PATH/chest_xray        # full configs, a GPU
     python experiments/reproduce.py --rows shallow_cnn,deep_cnn --set train.epochs=1 \\
         --set deep_cnn:model.kwargs.widths='(8, 8, 16, 16)'
