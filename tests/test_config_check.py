@@ -54,7 +54,7 @@ def test_the_schema_has_a_rule_for_each_field_of_the_defaults_and_no_other():
     ("train.threshold", "sensitivity:1.5", "e.g. sensitivity:0.95"),
     ("train.threshold", "sensitivity:high", "e.g. sensitivity:0.95"),
     ("model.init", "imagenet:torchvision", "imagenet:SOURCE with SOURCE one of keras, "
-                                           "timm-a1, torchvision-v1, torchvision-v2"),
+                                           "torchvision-v1, torchvision-v2, timm-a1"),
     ("model.init", "random", "choose scratch or imagenet:SOURCE"),
     ("model.dtype", "float64", "choose one of float32, bfloat16"),
     ("model.name", "resnet", "choose one of shallow_cnn, deep_cnn, resnet50"),
