@@ -80,7 +80,7 @@ def _init(value: Any) -> str | None:
     from pneumojax import weights
 
     kind, _, name = str(value).partition(":")
-    known = list(dict.fromkeys(s for sources in weights.SOURCES.values() for s in sources))
+    known = weights.source_names()
     if value == "scratch" or (kind == "imagenet" and name in known):
         return None
     return f"choose scratch or imagenet:SOURCE with SOURCE one of {', '.join(known)}"

@@ -84,6 +84,11 @@ def cache_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(root).expanduser()
 
 
+def source_names() -> list[str]:
+    """Every source name of any model, each once, in the order `SOURCES` declares them."""
+    return list(dict.fromkeys(name for sources in SOURCES.values() for name in sources))
+
+
 def source(model: str, name: str) -> Source:
     """`SOURCES[model][name]`, or one line naming the models and sources there are."""
     if model not in SOURCES:

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     what = "download the official file, verify, convert"
     fetch = commands.add_parser("fetch", help=what, description=what, examples=[FETCH])
     fetch.add_argument("model", choices=list(weights.SOURCES), help="the architecture")
-    fetch.add_argument("--source", required=True, choices=_all_sources(),
+    fetch.add_argument("--source", required=True, choices=weights.source_names(),
                        help="which published file: " + _listing())
     fetch.add_argument("--sha256", help="pin the file's SHA-256 (timm's hub file has none)")
     what = "convert a file you already have"
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
                                       ".safetensors")
     convert.add_argument("--model", choices=list(weights.SOURCES),
                          help="the architecture (default: from the file's name)")
-    convert.add_argument("--source", choices=_all_sources(),
+    convert.add_argument("--source", choices=weights.source_names(),
                          help="which published file it is (default: from its name): "
                               + _listing())
     convert.add_argument("--submodel", metavar="NAME",
@@ -55,7 +55,6 @@ def main(argv: list[str]) -> int:
         return 0
     if args.command == "fetch":
         model, source = args.model, args.source
-        weights.source(model, source)  # a pair that exists, before any download
         out = weights.fetch(model, source, cache=args.cache_dir, sha256=args.sha256)
     else:
         model, source = _guess(args.path, args.model, args.source)
@@ -64,10 +63,6 @@ def main(argv: list[str]) -> int:
     print(f"converted into {out}; use it with --config.model.name={model} "
           f"--config.model.init=imagenet:{source}")
     return 0
-
-
-def _all_sources() -> list[str]:
-    return sorted({name for sources in weights.SOURCES.values() for name in sources})
 
 
 def _listing() -> str:

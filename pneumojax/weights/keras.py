@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pneumojax.cli import UserError
-from pneumojax.weights.convert import WrongWeights
+from pneumojax.weights.convert import WrongWeights, require
 
 Layers = dict[str, dict[str, np.ndarray]]  # Keras layer name -> leaf name -> array, in order
 
@@ -46,6 +46,9 @@ _KERAS3_VARS = {
                            ("moving_variance", None)),
 }
 _NESTED = ("Functional", "Sequential", "Model")
+# Keras's variable names -> flax's, for convs, dense layers and batch norms.
+LEAF = {"kernel": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias",
+        "moving_mean": "mean", "moving_variance": "var"}
 
 
 def read_layers(path: str | pathlib.Path, *, submodel: str | None = None,
@@ -55,7 +58,7 @@ def read_layers(path: str | pathlib.Path, *, submodel: str | None = None,
     `order` is the (name, class) list of the model's layers, used for a `.weights.h5` that
     comes without its config.
     """
-    h5py = _require_h5py()
+    h5py = require("h5py", "h5py")
     path = pathlib.Path(path)
     try:
         if zipfile.is_zipfile(path):
@@ -79,14 +82,6 @@ def read_layers(path: str | pathlib.Path, *, submodel: str | None = None,
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a readable Keras file, truncated or corrupt "
                         f"({type(e).__name__}: {e}); download it again") from e
-
-
-def _require_h5py():
-    try:
-        import h5py
-    except ImportError as e:
-        raise UserError("Keras weight files need h5py: pip install h5py") from e
-    return h5py
 
 
 def _config_layers(config: dict) -> list[dict]:

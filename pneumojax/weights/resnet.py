@@ -17,8 +17,6 @@ from pneumojax.weights import keras
 from pneumojax.weights.convert import Flat, Tree, WrongWeights, check_head, node
 
 _TORCH_BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
-KERAS_LEAF = {"kernel": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias",
-              "moving_mean": "mean", "moving_variance": "var"}
 _KERAS_BLOCK = re.compile(r"conv([2-5])_block(\d+)_([0-3])_(conv|bn)")
 # Classifier layers of the with-top files: dropped, like torch's `fc`.
 _KERAS_CLASSIFIERS = ("predictions", "probs", "fc1000")
@@ -81,10 +79,10 @@ def from_keras(path: str | pathlib.Path, submodel: str | None = None) -> Tree:
                 check_head(f"{layer}/{leaf}", array.shape, _KERAS_HEAD.get(leaf))
             continue
         module = _keras_module(layer)
-        if module is None or not weights.keys() <= KERAS_LEAF.keys():
+        if module is None or not weights.keys() <= keras.LEAF.keys():
             raise WrongWeights(f"not a ResNet50 layer: {layer!r} with {sorted(weights)}")
         for leaf, array in weights.items():
-            flat[(*module, KERAS_LEAF[leaf])] = array
+            flat[(*module, keras.LEAF[leaf])] = array
     kernel = flat.get(("conv1", "kernel"))
     if kernel is not None and kernel.ndim == 4:  # other shapes are left to `check` to name
         flat[("conv1", "kernel")] = np.ascontiguousarray(kernel[:, :, ::-1])

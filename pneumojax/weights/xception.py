@@ -25,7 +25,6 @@ from flax import traverse_util
 from pneumojax.models.xception import MIDDLE_BLOCKS
 from pneumojax.weights import keras
 from pneumojax.weights.convert import Flat, Tree, WrongWeights, check_head
-from pneumojax.weights.resnet import KERAS_LEAF
 
 _STEM = {"block1_conv1": "conv1", "block1_conv1_bn": "bn1", "block1_conv2": "conv2",
          "block1_conv2_bn": "bn2"}
@@ -103,7 +102,7 @@ def _put(flat: Flat, module: tuple, layer: str, weights: dict[str, np.ndarray]) 
             flat[(*module, "depthwise", "kernel")] = array.transpose(0, 1, 3, 2)
         elif leaf == "pointwise_kernel":
             flat[(*module, "pointwise", "kernel")] = array
-        elif leaf in KERAS_LEAF:
-            flat[(*module, KERAS_LEAF[leaf])] = array
+        elif leaf in keras.LEAF:
+            flat[(*module, keras.LEAF[leaf])] = array
         else:
             raise WrongWeights(f"not an Xception layer: {layer!r} with {sorted(weights)}")
