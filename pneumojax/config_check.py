@@ -26,6 +26,7 @@ Node = ml_collections.ConfigDict | dict  # ConfigDict is no collections.abc.Mapp
 
 DTYPES = ("float32", "bfloat16")  # bfloat16: mixed precision (parameters stay float32)
 SOURCES = ("folder:PATH", "medmnist", "synthetic")
+INTENSITY = ("none", "equalize", "clahe")  # pneumojax.data.intensity
 
 
 def _number(low: float, high: float = math.inf, *, open_low: bool = False,
@@ -135,6 +136,9 @@ FIELDS: dict[str, Rule] = {
     "data.synthetic_count": _integer(2),
     "data.num_workers": _integer(0),
     "data.device_resident": _boolean,
+    "data.holdout": _text,
+    "data.intensity": _choice(INTENSITY),
+    "data.tta_views": _integer(1),
     "data.augment.enabled": _boolean,
     "data.augment.rotation_deg": _number(0, 180),
     "data.augment.translate": _number(0, 1, open_high=True),
@@ -153,12 +157,14 @@ FIELDS: dict[str, Rule] = {
     "train.grad_clip": _number(0, open_low=True),
     "train.loss": _choice(losses.LOSSES),
     "train.label_smoothing": _number(0, 1, open_high=True),
+    "train.mixup": _number(0),
     "train.lesion_weight": _number(0),
     "train.class_weights": _boolean,
     "train.eval_every": _integer(0),
     "train.log_every": _integer(1),
     "train.patience": _integer(0),
     "train.threshold": _threshold,
+    "train.calibrate": _boolean,
     "train.freeze": _choice(transfer.FREEZE_MODES),
     "train.unfreeze_epochs": _epochs,
     **{f"train.lr_multipliers.{g}": _number(0) for g in transfer.groups()},

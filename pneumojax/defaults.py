@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
         synthetic_count=1200,
         num_workers=0,                   # grain worker processes; 0 reads in threads
         device_resident=False,           # train split on the accelerator, no host work per step
+        holdout="",                      # file-name prefix of a sub-cohort of train held out as
+                                         # a whole (split "holdout"), e.g. NORMAL2-; "" = none
+        intensity="none",                # none | equalize | clahe: the same in train, eval, predict
+        tta_views=1,                     # test-time augmentation: views averaged (1 = none)
         augment=ml_collections.ConfigDict(dataclasses.asdict(AugmentConfig())),
     ))
     c.train = ml_collections.ConfigDict(dict(
@@ -42,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,                   # global norm
         loss="bce",                      # pneumojax.training.losses.LOSSES: bce | focal
         label_smoothing=0.0,
+        mixup=0.0,                       # Beta(a, a) mixing of example pairs; 0 = off
         lesion_weight=0.0,               # > 0: also fit per-cell lesion scores to the masks
                                          # (synthetic data, deep_cnn head="lesion")
         class_weights=True,              # inverse class frequency of the train split
@@ -49,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
         log_every=20,
         patience=5,                      # validation runs without a better ROC-AUC before stopping
         threshold="youden",              # criterion for the decision threshold chosen on validation
+        calibrate=False,                 # temperature scaling fitted on validation
         freeze="none",                   # none | backbone (feature extraction) | progressive
         unfreeze_epochs=(1, 2, 3, 4, 5),  # progressive: epochs at which stage4, 3, 2, 1, stem thaw
         lr_multipliers=ml_collections.ConfigDict(dict(  # discriminative learning rates per group
