@@ -229,7 +229,7 @@ def evaluate_val(p: Plan, best_step: int) -> dict | None:
     """The best checkpoint on the source's `val` split (reusing an earlier evaluation of the
     same checkpoint), or None if the source has none."""
     c = p.config
-    name = builder.config_name(c.data.source, c.data.image_size)
+    name = builder.config_name(c.data.source, c.data.image_size, c.data.holdout)
     if VAL_SPLIT not in builder.load_report(c.data.data_dir, name)["splits"]:
         return None
     out = p.workdir / "eval" / f"tfds-{VAL_SPLIT}.json"

@@ -41,7 +41,8 @@ def load_images(spec: str, config) -> tuple[list[dict], list[str], list[str], li
         return (examples, [c.file_name for c, _, _ in decoded],
                 [c.patient_id for c, _, _ in decoded], [dataclasses.asdict(r) for r in rejected])
     if kind == "tfds":
-        name = builder.config_name(config.data.source, config.data.image_size)
+        name = builder.config_name(config.data.source, config.data.image_size,
+                                   config.data.holdout)
         src = pdata.data_source(name, where, data_dir=config.data.data_dir)
         meta = [(ex["file_name"].decode(), ex["patient_id"].decode())
                 for ex in (src[i] for i in range(len(src)))]  # one read per example

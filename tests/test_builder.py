@@ -211,3 +211,22 @@ def test_too_few_patients_for_a_validation_split_is_a_clear_error(tmp_path):
     _jpeg(root / "train/NORMAL/IM-0001-0001.jpeg")
     with pytest.raises(ValueError, match="1 patient.* too few"):
         data.prepare(f"folder:{root}", data_dir=tmp_path / "tfds", image_size=32)
+
+
+def test_holdout_moves_a_named_sub_cohort_out_of_train_and_validation(tmp_path):
+    root = tmp_path / "kaggle"
+    _kaggle_folder(root)
+    for i in range(3):
+        _jpeg(root / "train/NORMAL" / f"NORMAL2-IM-{i:04d}-0001.jpeg", 200 + i)
+    report = data.prepare(f"folder:{root}", data_dir=tmp_path / "tfds", image_size=32,
+                          holdout="NORMAL2-")
+    assert report["name"].endswith("-32px-holdout_NORMAL2-")
+    assert report["splits"]["holdout"] == {"NORMAL": 3, "PNEUMONIA": 0}
+    names = lambda split: {ex["file_name"].decode().rpartition("/")[2] for ex in data.data_source(
+        report["name"], split, data_dir=tmp_path / "tfds")}
+    assert names("holdout") == {f"NORMAL2-IM-{i:04d}-0001.jpeg" for i in range(3)}
+    assert not any(n.startswith("NORMAL2-") for s in ("train", "validation") for n in names(s))
+    plain = data.prepare(f"folder:{root}", data_dir=tmp_path / "tfds", image_size=32)
+    assert "holdout" not in plain["splits"] and plain["name"] != report["name"]
+    with pytest.raises(cli.UserError, match="data.holdout='XYZ-': no train file"):
+        data.prepare(f"folder:{root}", data_dir=tmp_path / "tfds", image_size=32, holdout="XYZ-")

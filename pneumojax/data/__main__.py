@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     prep.add_argument("--synthetic-count", type=int, default=1200, metavar="N",
                       help="train images for --source synthetic (test gets a quarter)")
+    prep.add_argument("--holdout", default="", metavar="PREFIX",
+                      help="hold out the train files whose names start with PREFIX as split "
+                      "`holdout` (a sub-cohort never trained on), e.g. NORMAL2-")
     what = "counts, patients and duplicates per split"
     st = commands.add_parser("stats", help=what, description=what, examples=[
         "python -m pneumojax.data stats",
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> int:
     if args.command == "prepare":
         report = builder.prepare(args.source, data_dir=args.data_dir, image_size=args.image_size,
                                  validation_fraction=args.validation_fraction, seed=args.seed,
-                                 synthetic_count=args.synthetic_count)
+                                 synthetic_count=args.synthetic_count, holdout=args.holdout)
         print(_format_report(report))
         return 0
     names = [args.name] if args.name else builder.prepared_names(args.data_dir)

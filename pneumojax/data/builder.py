@@ -1,9 +1,10 @@
 """The TFDS builder `chest_xray_pneumonia`, and `prepare`, which builds it atomically.
 
-One builder config per (source, image size), named e.g. `folder-chest_xray-224px`, so a data
-directory can hold the synthetic demo, MedMNIST+ and real folders side by side. Images are raw
-uint8 bytes in ArrayRecord files: TFDS's default would store uint8 as int64 lists, 4x slower to
-read, and PNG/JPEG would put a decoder on the hot input path.
+One builder config per (source, image size[, held-out sub-cohort]), named e.g.
+`folder-chest_xray-224px` (or `folder-chest_xray-64px-holdout_NORMAL2-`), so a data directory
+can hold the synthetic demo, MedMNIST+, real folders and their held-out variants side by side.
+Images are raw uint8 bytes in ArrayRecord files: TFDS's default would store uint8 as int64
+lists, 4x slower to read, and PNG/JPEG would put a decoder on the hot input path.
 
 A data directory holds:
 
@@ -53,11 +54,19 @@ def default_data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
 
 
-def config_name(source: str, image_size: int) -> str:
+def config_name(source: str, image_size: int, holdout: str = "") -> str:
+    suffix = f"-holdout_{re.sub(r'[^A-Za-z0-9_.-]+', '_', holdout)}" if holdout else ""
     if source.startswith("folder:"):
         folder = sources.folder_of(source).resolve().name
-        return f"folder-{re.sub(r'[^A-Za-z0-9_.]+', '_', folder) or 'root'}-{image_size}px"
-    return f"{source}-{image_size}px"
+        return (f"folder-{re.sub(r'[^A-Za-z0-9_.]+', '_', folder) or 'root'}-{image_size}px"
+                + suffix)
+    return f"{source}-{image_size}px{suffix}"
+
+
+def held_out(file_name: str, holdout: str) -> bool:
+    """Whether a train file belongs to the held-out sub-cohort: its base name starts with the
+    prefix (Kermany's NORMAL files come in two series, `IM-` and `NORMAL2-IM-`)."""
+    return bool(holdout) and pathlib.PurePath(file_name).name.startswith(holdout)
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,6 +76,7 @@ class ChestXrayConfig(tfds.core.BuilderConfig):
     validation_fraction: float = 0.1
     seed: int = 0
     synthetic_count: int = 1200
+    holdout: str = ""
 
     def settings(self) -> dict:
         """What decides the content; a prepared set with other settings is stale."""
@@ -75,7 +85,9 @@ class ChestXrayConfig(tfds.core.BuilderConfig):
             source = "folder:" + str(sources.folder_of(source).resolve())
         return dict(source=source, image_size=self.image_size,
                     validation_fraction=self.validation_fraction, seed=self.seed,
-                    synthetic_count=self.synthetic_count if source == "synthetic" else None)
+                    synthetic_count=self.synthetic_count if source == "synthetic" else None,
+                    # only when set, so that sets prepared before the field existed stay fresh
+                    **({"holdout": self.holdout} if self.holdout else {}))
 
 
 class ChestXrayPneumonia(tfds.core.GeneratorBasedBuilder):
@@ -126,8 +138,22 @@ class ChestXrayPneumonia(tfds.core.GeneratorBasedBuilder):
             else:
                 self.scan.notes.append(f"split {name!r}: every file was rejected; it is left out")
         if "train" in splits:
-            splits["train"], splits["validation"] = self._carve_validation(splits["train"])
+            train, cohort = self._hold_out(splits["train"])
+            splits["train"], splits["validation"] = self._carve_validation(train)
+            if cohort:
+                splits["holdout"] = cohort
         return {name: self._generate_examples(name, items) for name, items in splits.items()}
+
+    def _hold_out(self, decoded: list) -> tuple[list, list]:
+        """(train, sub-cohort): the files of `holdout` leave train before validation is carved,
+        so a run never sees them and can be scored on a cohort it has not met."""
+        prefix = self.builder_config.holdout
+        cohort = [d for d in decoded if held_out(d[0].file_name, prefix)]
+        if prefix and not cohort:
+            raise cli.UserError(f"data.holdout={prefix!r}: no train file of "
+                                f"{sources.display_name(self.builder_config.source)} has a name "
+                                "starting with it; give a prefix such as NORMAL2- or IM-")
+        return [d for d in decoded if not held_out(d[0].file_name, prefix)], cohort
 
     def _carve_validation(self, decoded: list) -> tuple[list, list]:
         cfg = self.builder_config
@@ -158,7 +184,8 @@ def dataset_dir(data_dir: pathlib.Path, name: str) -> pathlib.Path:
 
 
 def prepare(source: str, *, data_dir: str | os.PathLike | None = None, image_size: int = 224,
-            validation_fraction: float = 0.1, seed: int = 0, synthetic_count: int = 1200) -> dict:
+            validation_fraction: float = 0.1, seed: int = 0, synthetic_count: int = 1200,
+            holdout: str = "") -> dict:
     """Builds the data set beside the current one, then swaps it in; returns the report.
 
     A failure at any point, a kill included, leaves the previously prepared version untouched
@@ -167,7 +194,7 @@ def prepare(source: str, *, data_dir: str | os.PathLike | None = None, image_siz
     shows as stale at the next `ensure_prepared`.
     """
     data_dir = _data_dir(data_dir)
-    config = _config(source, image_size, validation_fraction, seed, synthetic_count)
+    config = _config(source, image_size, validation_fraction, seed, synthetic_count, holdout)
     fingerprint = sources.fingerprint(source)
     scan = sources.scan(source, image_size, download_dir=data_dir / "downloads",
                         synthetic_count=synthetic_count, seed=seed)
@@ -187,11 +214,11 @@ def prepare(source: str, *, data_dir: str | os.PathLike | None = None, image_siz
 
 def ensure_prepared(source: str, *, data_dir: str | os.PathLike | None = None,
                     image_size: int = 224, validation_fraction: float = 0.1, seed: int = 0,
-                    synthetic_count: int = 1200) -> str:
+                    synthetic_count: int = 1200, holdout: str = "") -> str:
     """The config name of a prepared set with exactly these settings and made from the source
     as it is now, preparing it if needed; a set prepared before is redone with one line to
     stderr that says why, so no run reads data that no longer matches without saying so."""
-    config = _config(source, image_size, validation_fraction, seed, synthetic_count)
+    config = _config(source, image_size, validation_fraction, seed, synthetic_count, holdout)
     try:
         report = load_report(data_dir, config.name)
     except FileNotFoundError:
@@ -203,7 +230,7 @@ def ensure_prepared(source: str, *, data_dir: str | os.PathLike | None = None,
         print(f"data: {config.name} {reason}; preparing it again", file=sys.stderr, flush=True)
     return prepare(source, data_dir=data_dir, image_size=image_size,
                    validation_fraction=validation_fraction, seed=seed,
-                   synthetic_count=synthetic_count)["name"]
+                   synthetic_count=synthetic_count, holdout=holdout)["name"]
 
 
 def stale(report: dict, config: ChestXrayConfig) -> str | None:
@@ -226,7 +253,7 @@ def _data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
 
 
 def _config(source: str, image_size: int, validation_fraction: float, seed: int,
-            synthetic_count: int) -> ChestXrayConfig:
+            synthetic_count: int, holdout: str = "") -> ChestXrayConfig:
     """The config, after checking the settings a user gives (flags or `data.*` config fields)
     before anything is read."""
     sources.check(source)
@@ -239,9 +266,9 @@ def _config(source: str, image_size: int, validation_fraction: float, seed: int,
     if source == "synthetic" and synthetic_count < 1:
         raise cli.UserError(f"synthetic count {synthetic_count}: must be at least 1 "
                             "(--synthetic-count, or data.synthetic_count)")
-    return ChestXrayConfig(name=config_name(source, image_size), source=source,
+    return ChestXrayConfig(name=config_name(source, image_size, holdout), source=source,
                            image_size=image_size, validation_fraction=validation_fraction,
-                           seed=seed, synthetic_count=synthetic_count)
+                           seed=seed, synthetic_count=synthetic_count, holdout=holdout)
 
 
 def _report(builder: ChestXrayPneumonia, final: pathlib.Path, fingerprint: dict | None) -> dict:

@@ -12,11 +12,13 @@ from pneumojax.data.sources import CLASSES
 
 def prepare_data(config: ml_collections.ConfigDict) -> str:
     """The config name of the data set `config.data` asks for, prepared first if it is not
-    there with exactly these settings (split fraction, seed, synthetic count)."""
+    there with exactly these settings (split fraction, seed, synthetic count, held-out
+    sub-cohort)."""
     d = config.data
     return pdata.ensure_prepared(d.source, data_dir=d.data_dir, image_size=d.image_size,
                                  validation_fraction=d.validation_fraction,
-                                 seed=config.train.seed, synthetic_count=d.synthetic_count)
+                                 seed=config.train.seed, synthetic_count=d.synthetic_count,
+                                 holdout=d.holdout)
 
 
 def check_classes(report: dict, source: str) -> None:

@@ -170,7 +170,7 @@ def _setup(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     lesions = c.train.lesion_weight > 0
 
     # Data: prepared once (by process 0 in a multi-host run), then read by every process.
-    name = builder.config_name(c.data.source, c.data.image_size)
+    name = builder.config_name(c.data.source, c.data.image_size, c.data.holdout)
     if jax.process_index() == 0:
         name = prepare_data(c)
     if jax.process_count() > 1:
