@@ -60,10 +60,11 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
     def add_run_arguments(self) -> None:
-        """`--workdir` and `--checkpoint`: which trained run, and which of its checkpoints,
-        a command scores (what `inference.load` takes)."""
-        self.add_argument("--workdir", required=True, metavar="DIR",
-                          help="the training run's folder")
+        """`--workdir` (repeatable: an ensemble) and `--checkpoint`: which trained runs, and
+        which of their checkpoints, a command scores (what `ensemble.load` takes)."""
+        self.add_argument("--workdir", required=True, action="append", metavar="DIR",
+                          help="a training run's folder; repeat it to average several runs "
+                          "(an ensemble)")
         self.add_argument("--checkpoint", default="best", help="best, latest or a step number")
 
 

@@ -1,9 +1,11 @@
 """Predict single images or folders, with a Grad-CAM heat map for each.
 
     python -m pneumojax.predict --workdir workdirs/deep_cnn_cpu xray.jpeg scans/ --out heatmaps/
+    python -m pneumojax.predict --workdir DIR_A --workdir DIR_B xray.jpeg   # an ensemble
 
 Prints one JSON line per image: file, probability of PNEUMONIA, label at the threshold chosen
-on validation, that threshold, and the overlay PNG (image, heat map, contour). JPEG, PNG and
+on validation, that threshold, and the overlay PNG (image, heat map, contour). Several
+`--workdir`s average their probabilities (`ensemble`); the heat map is the first run's. JPEG, PNG and
 DICOM of any size or mode are read exactly as in training. A file that cannot be read gets a
 line with its error while the rest still run; the exit status is 1 if any file failed. Only
 regular files (or links to them) of at most `images.MAX_BYTES` are read: a FIFO, a device or
@@ -18,17 +20,17 @@ import pathlib
 import sys
 from collections.abc import Iterator, Sequence
 
-from pneumojax import cli, gradcam, inference, plots, xla_cpu
+from pneumojax import cli, ensemble, gradcam, inference, plots, xla_cpu
 from pneumojax.data import images
 
 
-def predict(workdir: str | pathlib.Path, paths: Sequence[str | pathlib.Path], *,
+def predict(workdirs: ensemble.Workdirs, paths: Sequence[str | pathlib.Path], *,
             out: str | pathlib.Path, method: str = gradcam.METHODS[0], layer: str | None = None,
             checkpoint: str = "best", batch_size: int = 16) -> Iterator[dict]:
     """One record per file, in order: a prediction with its overlay, or the file's error."""
     files = inference.collect(paths)  # no image at all: refused before the checkpoint is read
-    model = inference.load(workdir, checkpoint)
-    layer = layer or model.layer
+    model = ensemble.load(workdirs, checkpoint)
+    layer = layer or model.members[0].layer
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = set()
@@ -43,7 +45,7 @@ def predict(workdir: str | pathlib.Path, paths: Sequence[str | pathlib.Path], *,
         overlay = plots.heatmap_overlay(
             plots.preview(images.decode_grayscale(p.data, p.file)), p.map, out / name,
             title=f"{p.file.name}: P(PNEUMONIA) = {p.probability:.3f} -> {p.label} (threshold "
-                  f"{model.threshold:.3f}, {method} at {layer}, step {model.step})")
+                  f"{model.threshold:.3f}, {method} at {layer}, step {model.members[0].step})")
         yield {"file": str(p.file), "probability": p.probability, "label": p.label,
                "threshold": model.threshold, "heatmap": str(overlay)}
 
