@@ -1,5 +1,6 @@
 """experiments/reproduce.py end to end on a tiny Kaggle-layout folder: two models trained, the
-ImageNet row skipped with its reason, `val` scored, `test` never read, finished runs reused."""
+ImageNet row skipped with its reason, `val` scored, `test` read once after training at the
+frozen threshold (the published protocol), finished runs reused."""
 
 import json
 import os
@@ -11,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumojax import data as pdata
-from pneumojax.data import builder, synthetic
+from pneumojax.data import synthetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,15 +50,6 @@ def _files(root):
 def test_the_table_is_written_and_finished_runs_are_reused(tmp_path):
     _folder(tmp_path / "xray")
     env = dict(os.environ, PNEUMOJAX_CACHE=str(tmp_path / "cache"))  # no ImageNet weights
-    # Prepared as the rows' configs ask (the same settings, so reproduce reuses it), then its
-    # `test` split deleted: a run that read it would fail.
-    prepared = pdata.prepare(f"folder:{tmp_path / 'xray'}", data_dir=tmp_path / "tfds",
-                             image_size=32, validation_fraction=0.25)["name"]
-    build = builder.dataset_dir(tmp_path / "tfds", prepared).resolve()
-    held_out = list(build.glob("*-test.*"))
-    assert held_out
-    for f in held_out:
-        f.unlink()
     argv = ["--source", f"folder:{tmp_path / 'xray'}", "--cpu",
             "--rows", "shallow_cnn,deep_cnn,resnet50_imagenet",
             "--workdir-root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
@@ -75,6 +66,12 @@ def test_the_table_is_written_and_finished_runs_are_reused(tmp_path):
         assert r["config"] == f"configs/{name}.py:cpu" and r["settings"]["data"]["image_size"] == 32
         assert r["validation"]["n"] == 10 and r["val"]["n"] == 8
         assert r["val"]["threshold"] == r["threshold"]  # val is scored at validation's threshold
+        assert r["test"]["n"] == 8 and r["test"]["threshold"] == r["threshold"]
+        # read once, after training ended: its evaluation is newer than every checkpoint
+        runs = tmp_path / "runs" / f"{name}_cpu"
+        tested = (runs / "eval" / "tfds-test.json").stat().st_mtime_ns
+        assert all(f.stat().st_mtime_ns < tested for f in (runs / "checkpoints").rglob("*")
+                   if f.is_file())
         for m in (r["validation"], r["val"]):
             lo, hi = m["ci95"]["accuracy"]
             assert lo <= m["accuracy"] <= hi
@@ -91,7 +88,7 @@ def test_the_table_is_written_and_finished_runs_are_reused(tmp_path):
     accuracy = rows["deep_cnn"]["validation"]["accuracy"]
     assert f"{100 * accuracy:.1f} [" in md
     for text in ("Shallow CNN", "Deep CNN", "skipped: weights not cached",
-                 "not directly comparable", "90.71 % accuracy, precision 0.915",
+                 "The same protocol on both sides", "ours, `test` split (n = 8)", "90.7",
                  "Cell 172(5):1122-1131", "Scientific Data 10:41"):
         assert text in md
 
