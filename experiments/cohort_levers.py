@@ -24,6 +24,7 @@ import sys
 from absl import logging
 
 from pneumojax import cohort, ensemble, xla_cpu
+from pneumojax.workdirs import check_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/, experiments/
 from experiments.common import commit, device_name, merge_results, portable  # noqa: E402
@@ -59,6 +60,8 @@ VARIANTS = (
     Variant("seed1", "baseline, seed 1 (an ensemble member)", ("train.seed=1",)),
     Variant("seed2", "baseline, seed 2 (an ensemble member)", ("train.seed=2",)),
     Variant("ensemble3", "ensemble of 3 seeds", members=("baseline", "seed1", "seed2")),
+    Variant("xception", "Xception from ImageNet, fine-tuned (128 px)",
+            config="configs/xception.py:cpu"),
 )
 
 
@@ -80,9 +83,11 @@ def run(v: Variant, args: argparse.Namespace, done: dict[str, dict]) -> dict:
             raise ValueError(f"variant {v.name}: run its members first ({', '.join(missing)})")
         info = dict(wall_s=sum(done[m]["wall_s"] or 0 for m in v.members), reused=True)
     else:
-        workdirs = [root / v.name]
+        workdirs, config = [root / v.name], config_of(v, args)
+        if not args.retrain:
+            check_config(workdirs[0], config, fix="pass --retrain to replace it")
         print(f"== {v.name}: {v.config} {' '.join(v.overrides)}", flush=True)
-        info = train_or_reuse(config_of(v, args), workdirs[0], args.retrain)
+        info = train_or_reuse(config, workdirs[0], args.retrain)
     result = cohort.report(ensemble.load(workdirs), data=args.data, n_boot=args.n_boot)
     return dict(name=v.name, lever=v.lever, config=v.config, overrides=list(v.overrides),
                 members=list(v.members), holdout=args.holdout, wall_s=info["wall_s"],
@@ -100,8 +105,9 @@ def _auc(x: float | None) -> str:
 
 def markdown(records: list[dict]) -> str:
     head = ["variant", "lever", "validation acc %", "validation AUC", "shifted AUC, mean",
-            "shifted specificity, worst (shift)", "holdout specificity %",
-            "holdout AUC", "`val` acc %", "`val` AUC", "wall"]
+            "shifted specificity %, mean", "shifted balanced acc %, mean",
+            "shifted specificity %, worst (shift)", "holdout specificity %", "holdout AUC",
+            "`val` acc %", "`val` AUC", "wall"]
     lines = ["# The levers on the new-cohort proxy", "",
              "Written by `python experiments/cohort_levers.py`; every run holds the sub-cohort "
              f"`{records[0]['holdout'] if records else ''}` out of train and validation. Shifts: "
@@ -114,6 +120,7 @@ def markdown(records: list[dict]) -> str:
         folder = next(iter(s["folders"].values()), {})
         cells = [r["name"], r["lever"], _pct(s["validation"]["accuracy"]),
                  _auc(s["validation"]["roc_auc"]), _auc(strong["roc_auc"]["mean"]),
+                 _pct(strong["specificity"]["mean"]), _pct(strong["balanced_accuracy"]["mean"]),
                  f"{_pct(strong['specificity']['worst'])} "
                  f"({strong['specificity']['worst_shift']})",
                  _pct(h.get("specificity")), _auc(h.get("roc_auc_vs_validation_pneumonia")),
@@ -147,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "cohort_levers.json"
     done = {r["name"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}
     for name in args.variants.split(","):
-        record = run(by_name[name], args, done)
-        record.update(source=portable(args.source), data=[portable(d) for d in args.data])
+        text = json.dumps(run(by_name[name], args, done))
+        for place in (args.source, *args.data):  # the machine's layout stays out of the record
+            text = text.replace(json.dumps(place)[1:-1], portable(place))
+        record = dict(json.loads(text), source=portable(args.source),
+                      data=[portable(d) for d in args.data])
         done[name] = record
         records = merge_results(path, [record], key=("name",))
         (args.out / "cohort_levers.md").write_text(markdown(records))
