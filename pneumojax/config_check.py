@@ -99,7 +99,8 @@ def _source(value: Any) -> str | None:
 
 def _threshold(value: Any) -> str | None:
     """Whatever `metrics.choose_threshold` accepts, tried on two examples."""
-    wanted = f"choose one of {', '.join(metrics.CRITERIA)}, e.g. sensitivity:0.95 (in [0, 1])"
+    wanted = (f"choose one of {', '.join(metrics.CRITERIA)}, e.g. sensitivity:0.95 (in [0, 1]) "
+              "or prevalence:0.1 (in (0, 1))")
     if not isinstance(value, str):
         return wanted
     try:
@@ -291,6 +292,13 @@ def _training_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
                  for n, cls in models.MODELS.items() if getattr(cls, "LESION_KWARGS", None)]
         yield _problem("train.lesion_weight", t.lesion_weight, "> 0 needs a model that "
                        "scores cells", f"use {' or '.join(fixes)}")
+    if t.mixup > 0 and t.lesion_weight > 0:
+        yield _problem("train.mixup", t.mixup, "> 0 blends two images into one, whose lesion "
+                       "mask is neither's, so it cannot go with train.lesion_weight > 0",
+                       "set --config.train.mixup=0 or --config.train.lesion_weight=0")
+    if t.threshold.startswith("prevalence:") and not t.calibrate:
+        yield _problem("train.threshold", t.threshold, "the Bayes threshold for a prevalence "
+                       "assumes calibrated probabilities", "add --config.train.calibrate=True")
 
 
 def validate(config: ml_collections.ConfigDict, *, devices: int, processes: int = 1) -> None:

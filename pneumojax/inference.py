@@ -60,24 +60,26 @@ def eval_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, State]:
     return graphdef, state
 
 
-def make_eval_step(graphdef_eval: nnx.GraphDef, config: ml_collections.ConfigDict
-                   ) -> Callable[[State, jax.Array], jax.Array]:
-    """uint8 images -> P(PNEUMONIA), in inference mode, before jit."""
+def make_eval_step(graphdef_eval: nnx.GraphDef, config: ml_collections.ConfigDict,
+                   temperature: float = 1.0) -> Callable[[State, jax.Array], jax.Array]:
+    """uint8 images -> P(PNEUMONIA) = sigmoid(logit / temperature), in inference mode, before
+    jit; the temperature is the one fitted on validation (`metrics.fit_temperature`)."""
     dtype = jnp.dtype(config.model.dtype)
 
     def eval_step(state: State, images_uint8: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
         logits, _ = model(augment.to_float(images_uint8).astype(dtype))
-        return jax.nn.sigmoid(logits)
+        return jax.nn.sigmoid(logits / temperature)
 
     return eval_step
 
 
 def jit_eval_step(graphdef_eval: nnx.GraphDef, config: ml_collections.ConfigDict,
-                  mesh: jax.sharding.Mesh) -> Callable[[State, jax.Array], jax.Array]:
+                  mesh: jax.sharding.Mesh, temperature: float = 1.0
+                  ) -> Callable[[State, jax.Array], jax.Array]:
     """Batch sharded in, probabilities replicated out, so every host can read them all."""
     repl = sharding.replicated(mesh)
-    return jax.jit(make_eval_step(graphdef_eval, config),
+    return jax.jit(make_eval_step(graphdef_eval, config, temperature),
                    in_shardings=(repl, sharding.batch_sharded(mesh)), out_shardings=repl)
 
 
@@ -134,12 +136,13 @@ class Model:
     graphdef: nnx.GraphDef           # eval mode
     state: State                     # {params, rest, step}
     threshold: float                 # chosen on validation when the checkpoint was saved
+    temperature: float               # fitted on validation (1.0: not calibrated)
     step: int
     meta: dict                       # the checkpoint's metadata (validation metrics, ...)
 
     @functools.cached_property
     def _eval_step(self) -> Callable[[State, jax.Array], jax.Array]:
-        return jax.jit(make_eval_step(self.graphdef, self.config))
+        return jax.jit(make_eval_step(self.graphdef, self.config, self.temperature))
 
     @property
     def image_size(self) -> int:
@@ -163,8 +166,8 @@ class Model:
         """`score_source` over every device of `mesh` (default: all)."""
         mesh = mesh or sharding.make_mesh()
         state = jax.device_put(self.state, sharding.replicated(mesh))
-        return score_source(jit_eval_step(self.graphdef, self.config, mesh), state, source,
-                            mesh, self.config.train.eval_batch_size)
+        return score_source(jit_eval_step(self.graphdef, self.config, mesh, self.temperature),
+                            state, source, mesh, self.config.train.eval_batch_size)
 
     def cams(self, images_uint8: np.ndarray | jax.Array, *, target: str = "PNEUMONIA",
              method: str = gradcam.METHODS[0], layer: str | None = None) -> dict[str, jax.Array]:
@@ -207,7 +210,9 @@ class Model:
             batch = np.stack([x for _, _, x in ok])
             if heatmaps:
                 result = self.cams(batch, method=method, layer=layer)
-                probs, maps = np.asarray(result["probability"]), np.asarray(result["maps"])
+                # the PNEUMONIA score is the logit: calibrated as `score` calibrates it
+                probs = np.asarray(jax.nn.sigmoid(result["score"] / self.temperature))
+                maps = np.asarray(result["maps"])
             else:
                 probs, maps = self.score(batch), [None] * len(ok)
             for (f, data, _), p, heat in zip(ok, probs, maps):
@@ -288,7 +293,8 @@ def load(workdir: str | pathlib.Path, checkpoint: str | int = "best") -> Model:
         raise _unreadable(directory / str(step), steps, e) from e
     finally:
         ckpt.close()
-    return Model(config, graphdef, state, float(meta["threshold"]), step, meta)
+    return Model(config, graphdef, state, float(meta["threshold"]),
+                 float(meta.get("temperature", 1.0)), step, meta)  # older runs: no temperature
 
 
 def _read_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:

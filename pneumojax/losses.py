@@ -1,8 +1,10 @@
 """Training losses, chosen by name (`train.loss`) from `LOSSES`.
 
-Each classification loss is `loss(logits (B,), labels (B,) int, weights (2,), smoothing) ->
-scalar`: `weights` are per-class (inverse class frequency by default, `train.class_weights`)
-and the mean is weighted by them, so a batch's loss does not depend on its class mix.
+Each classification loss is `loss(logits (B,), labels (B,), weights (2,), smoothing) ->
+scalar`: `labels` are int 0/1, or float soft targets in [0, 1] where mixup (`train.mixup`)
+blends two examples. `weights` are per-class (inverse class frequency by default,
+`train.class_weights`) and the mean is weighted by them, so a batch's loss does not depend on
+its class mix; a soft target blends the two classes' weights as it blends the classes.
 `smoothing` moves the targets towards 1/2 (label smoothing). A new loss is one function here
 and one name in `LOSSES`; config_check offers the names.
 
@@ -25,7 +27,10 @@ def _targets(labels: jax.Array, smoothing: float) -> jax.Array:
 
 
 def _weighted_mean(per_example: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-    w = weights[labels]
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        w = weights[labels]
+    else:  # mixup: lambda w[y_i] + (1 - lambda) w[y_j], since the target mixes y_i and y_j so
+        w = weights[0] * (1 - labels) + weights[1] * labels
     return jnp.sum(w * per_example) / jnp.sum(w)
 
 

@@ -25,7 +25,10 @@ import numpy as np
 # `classification_metrics` (threshold, n, positives) describe the sample.
 INTERVAL_METRICS: tuple[str, ...] = (
     "accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "roc_auc", "pr_auc")
-CRITERIA: tuple[str, ...] = ("youden", "f1", "balanced_accuracy", "sensitivity:<target>")
+CRITERIA: tuple[str, ...] = ("youden", "f1", "balanced_accuracy", "sensitivity:<target>",
+                             "prevalence:<p>")
+ECE_BINS = 15  # equal-width bins of P(PNEUMONIA) for the expected calibration error
+_CLIP = 1e-7  # probabilities are clipped to [_CLIP, 1 - _CLIP] before taking logits
 
 _BOOT_CHUNK_ELEMENTS = 1 << 22  # Resamples x examples per chunk: about 32 MB per float64 array.
 
@@ -236,10 +239,23 @@ def choose_threshold(labels, probs, criterion: str = "youden") -> float:
     "sensitivity:0.95" is the highest threshold whose sensitivity is at least 0.95, the
     screening operating point. Ties go to the highest threshold. Choose on validation,
     never on test, and store the result with the checkpoint.
+
+    "youden" weighs sensitivity and specificity equally: it minimises the mean of the two
+    error rates, the expected error at a prevalence of 0.5 whatever the validation set's.
+    "prevalence:0.1" is instead the Bayes (minimum expected error) threshold where 10 % of
+    the images are PNEUMONIA: probabilities calibrated at the validation prevalence pi_v carry
+    its prior odds, so logit(t) = logit(pi_v) - logit(0.1) swaps them for the deployment's.
+    It is a formula, not a search, and right only for calibrated probabilities
+    (`fit_temperature`; config_check asks for train.calibrate).
     """
     labels, probs = _check(labels, probs)
     if labels.all() or not labels.any():
         raise ValueError("choosing a threshold needs both classes")
+    if criterion.startswith("prevalence:"):
+        prevalence = float(criterion.removeprefix("prevalence:"))
+        if not 0 < prevalence < 1:
+            raise ValueError(f"prevalence must lie in (0, 1), got {prevalence}")
+        return float(_sigmoid(_logit(labels.mean()) - _logit(prevalence)))
     candidates = np.unique(probs)[::-1]  # Descending, so argmax breaks ties to the highest.
     sweep = at_thresholds(labels, probs, candidates)
     if criterion.startswith("sensitivity:"):
@@ -253,6 +269,74 @@ def choose_threshold(labels, probs, criterion: str = "youden") -> float:
     if criterion not in objectives:
         raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
     return float(candidates[np.argmax(objectives[criterion])])
+
+
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), _CLIP, 1 - _CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(z) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * np.asarray(z, np.float64)))  # no overflow for any z
+
+
+def apply_temperature(probs, temperature: float) -> np.ndarray:
+    """sigmoid(logit(probs) / temperature), in float64; temperature 1 returns `probs` as
+    they are, without the round trip through logits."""
+    if temperature == 1:
+        return np.asarray(probs)
+    return _sigmoid(_logit(probs) / temperature)
+
+
+def _nll(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of bool labels against logits, stable for any logit."""
+    return float(np.mean(np.logaddexp(0, logits) - labels * logits))
+
+
+def fit_temperature(labels, probs, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T in `bounds` whose sigmoid(logit(probs) / T) has the least binary
+    cross-entropy on `labels`: temperature scaling (Guo et al. 2017), fitted on validation.
+
+    One parameter cannot change the ranking, so ROC-AUC stays as it is; it only makes an
+    overconfident model (T > 1) say 0.8 where 80 % are PNEUMONIA, which a threshold for
+    another prevalence (`choose_threshold`'s "prevalence:p") relies on. The NLL is convex in
+    1/T, hence unimodal in log T: golden-section search there is exact to 1e-9 in log T,
+    deterministic and needs no derivative. A bound comes back when the optimum lies beyond it
+    (e.g. separable validation data want T -> 0).
+    """
+    labels, probs = _check(labels, probs)
+    z = _logit(probs)
+    nll = lambda u: _nll(labels, z * np.exp(-u))
+    a, b = np.log(bounds)
+    ratio = (np.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    while b - a > 1e-9:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    return float(np.exp((a + b) / 2))
+
+
+def calibration(labels, probs) -> dict[str, float]:
+    """How far probabilities are from frequencies: {ece, brier, nll}.
+
+    ece: the expected calibration error over `ECE_BINS` equal-width bins of P(PNEUMONIA)
+    (the last one closed at 1), the share-weighted mean of |fraction PNEUMONIA - mean
+    probability| per bin; brier: the mean squared error of the probability; nll: the mean
+    binary cross-entropy, probabilities clipped to [1e-7, 1 - 1e-7].
+    """
+    labels, probs = _check(labels, probs)
+    bins = np.clip((probs * ECE_BINS).astype(np.int64), 0, ECE_BINS - 1)
+    gap = np.bincount(bins, labels - probs, minlength=ECE_BINS)  # sum per bin of (y - p)
+    return {"ece": float(np.abs(gap).sum() / labels.size),
+            "brier": float(np.mean((probs - labels) ** 2)),
+            "nll": _nll(labels, _logit(probs))}
 
 
 def undefined(labels, probs, threshold: float) -> dict[str, str]:

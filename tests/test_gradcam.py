@@ -239,7 +239,7 @@ def test_training_ends_with_a_grid_of_each_confusion_cell(restored, trained, syn
     drawn = {}
     monkeypatch.setattr(inference.plots, "image_grid",
                         lambda images, path, **kw: drawn.update(kw, images=images))
-    model = inference.Model(config, graphdef, state, 0.5, 0, {})
+    model = inference.Model(config, graphdef, state, 0.5, 1.0, 0, {})
     inference.gradcam_grid(model, source, labels, probs, np.arange(len(labels)),
                            trained / "unused.png", per_cell=2)
     expected, kinds = [], []

@@ -40,7 +40,7 @@ SLOW = pytest.mark.slow  # a process each: the fast tier keeps one case of each 
     (["--config.train.freeze=nonee"], "config field train.freeze='nonee': choose one of none, "
                                       "backbone, progressive; set --config.train.freeze"),
     pytest.param(["--config.train.threshold=sensitivity:2"],
-                 "sensitivity:<target>, e.g. sensitivity:0.95", marks=SLOW),
+                 "prevalence:<p>, e.g. sensitivity:0.95", marks=SLOW),
     pytest.param(["--config.model.init=imagenet:foo"],
                  "with SOURCE one of keras, torchvision-v1", marks=SLOW),
     pytest.param(["--config.train.batch_size=0"],

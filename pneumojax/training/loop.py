@@ -76,6 +76,7 @@ class Run:
     mesh: jax.sharding.Mesh
     report: dict                      # the prepared data set's report (counts, name, path)
     val_src: Sequence[dict]
+    val_files: list[str]              # file name of each validation example, by index
     steps_per_epoch: int
     total_steps: int
     eval_every: int
@@ -201,7 +202,9 @@ def _setup(c: ml_collections.ConfigDict, workdir: pathlib.Path,
     resident = (pdata.to_device(train_src, sharding.replicated(mesh), lesion_mask=lesions)
                 if c.data.device_resident else None)
     graphdef_eval, _ = inference.eval_model(c)
+    val_files = [val_src[i]["file_name"].decode() for i in range(len(val_src))]
     return Run(config=c, workdir=workdir, mesh=mesh, report=report, val_src=val_src,
+               val_files=val_files,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                eval_every=c.train.eval_every or steps_per_epoch, tx=tx, schedule=schedule,
                class_weights=steps.class_weights(report["splits"]["train"],
@@ -295,19 +298,30 @@ def _train_record(run: Run, pending: list[dict], done: int, since: float) -> dic
 
 
 def _evaluate(run: Run, progress: Progress, done: int, bar: tqdm) -> bool:
-    """Validation, a checkpoint, and early stopping's verdict: True to stop."""
+    """Validation, a checkpoint, and early stopping's verdict: True to stop.
+
+    With `train.calibrate` a temperature is fitted on validation first, and the threshold is
+    chosen on the calibrated probabilities; the checkpoint keeps both, and its calibrated
+    validation predictions, so that thresholds over several runs need no data read again."""
     c = run.config
-    labels, probs, _ = run.validate(progress.state)
+    labels, raw, index = run.validate(progress.state)
+    temperature = metrics.fit_temperature(labels, raw) if c.train.calibrate else 1.0
+    probs = metrics.apply_temperature(raw, temperature)
     val = metrics.classification_metrics(
         labels, probs, metrics.choose_threshold(labels, probs, c.train.threshold))
-    run.log.write(dict(step=done, split="validation", **val))
+    fitted = dict(temperature=temperature, ece_before=metrics.calibration(labels, raw)["ece"],
+                  ece_after=metrics.calibration(labels, probs)["ece"]) if c.train.calibrate else {}
+    run.log.write(dict(step=done, split="validation", **val, **fitted))
     if val["roc_auc"] > progress.best_auc:
         progress.best_auc, progress.best_step, progress.evals_since_best = (
             val["roc_auc"], done, 0)
     else:
         progress.evals_since_best += 1
-    meta = dict(step=done, validation=val, threshold=val["threshold"],
-                early_stopping=progress.stopper(), frozen=sorted(progress.frozen))
+    predictions = dict(file=[run.val_files[int(i)] for i in index], label=labels.tolist(),
+                       probability=np.round(np.asarray(probs, np.float64), 6).tolist())
+    meta = dict(step=done, validation=val, threshold=val["threshold"], temperature=temperature,
+                validation_predictions=predictions, early_stopping=progress.stopper(),
+                frozen=sorted(progress.frozen))
     run.ckpt.save(done, progress.state, meta, metrics={checkpoint.BEST_METRIC: val["roc_auc"]},
                   data_iterator=run.train_iter)
     bar.write(f"step {done}: validation roc_auc {val['roc_auc']:.4f} "
@@ -320,18 +334,24 @@ def _evaluate(run: Run, progress: Progress, done: int, bar: tqdm) -> bool:
 
 
 def _finish(run: Run, state: State) -> None:
-    """Scores the best checkpoint on validation: summary.json, plots and a Grad-CAM grid."""
+    """Scores the best checkpoint on validation, with its temperature: summary.json, plots
+    and a Grad-CAM grid."""
     c, ckpt = run.config, run.ckpt
     best = ckpt.resolve("best")
     best_state, meta = ckpt.restore(best, state)
-    labels, probs, index = run.validate(best_state)
+    labels, raw, index = run.validate(best_state)
+    temperature = float(meta.get("temperature", 1.0))  # checkpoints before calibration: none
+    probs = metrics.apply_temperature(raw, temperature)
     if jax.process_index() != 0:
         return
     thresholds = {"0.5": 0.5, "validation": meta["threshold"]}
     groups = np.array([run.val_src[int(i)]["patient_id"] for i in index])
     summary = dict(
         data=run.report["name"], best_step=best, threshold=meta["threshold"],
-        threshold_criterion=c.train.threshold, early_stopping=meta["early_stopping"],
+        threshold_criterion=c.train.threshold, temperature=temperature,
+        calibration={"before": metrics.calibration(labels, raw),
+                     "after": metrics.calibration(labels, probs)},
+        validation_prevalence=float(labels.mean()), early_stopping=meta["early_stopping"],
         validation=metrics.summarize(labels, probs, thresholds, groups=groups))
     log = run.log.read()
     if train_records := [r["images_per_s"] for r in log if r["split"] == "train"]:
@@ -346,7 +366,8 @@ def _finish(run: Run, state: State) -> None:
                            title=f"validation, threshold {meta['threshold']:.3f} (step {best})")
     plots.threshold_sweep(labels, probs, out / "threshold_sweep.png", marked=thresholds)
     host = jax.device_get({"params": best_state["params"], "rest": best_state["rest"]})
-    model = inference.Model(c, run.graphdef_eval, host, float(meta["threshold"]), best, meta)
+    model = inference.Model(c, run.graphdef_eval, host, float(meta["threshold"]), temperature,
+                            best, meta)
     grid = inference.gradcam_grid(model, run.val_src, labels, probs, index,
                                   out / "gradcam_validation.png",
                                   title=f"validation, step {best}")

@@ -27,6 +27,7 @@ from pneumojax.data import augment
 
 State = inference.State
 Batch = dict[str, jax.Array]  # image (B, H, W, 1) uint8, label (B,) int32[, lesion_mask]
+MIXUP_STREAM = 1  # folded into a step's key for mixup's draws, apart from augmentation's
 
 
 def init_model(config: ml_collections.ConfigDict, pretrained: bool = True
@@ -86,12 +87,30 @@ def class_weights(counts: dict[str, int], enabled: bool) -> jax.Array:
     return jnp.asarray(n.sum() / (2 * n))
 
 
+def mixup(images: jax.Array, labels: jax.Array, key: jax.Array, alpha: float
+          ) -> tuple[jax.Array, jax.Array]:
+    """(images, float targets) of mixup (Zhang et al. 2018): each example blended with a
+    partner from a permutation of the batch, lambda ~ Beta(alpha, alpha) per example.
+
+    Blends with labels in proportion ask for scores that vary linearly between examples
+    rather than a memorised confident score per image: a regulariser that tends to help
+    calibration and a shifted cohort. Partners are gathered across the whole batch, however it
+    is sharded (`out_sharding` keeps explicit sharding along B)."""
+    perm_key, lam_key = jax.random.split(key)
+    perm = jax.random.permutation(perm_key, images.shape[0])
+    lam = jax.random.beta(lam_key, alpha, alpha, labels.shape)
+    partner = lambda a: a.at[perm].get(out_sharding=jax.typeof(a).sharding)
+    y = labels.astype(jnp.float32)
+    blend = lam.reshape(-1, *[1] * (images.ndim - 1))
+    return blend * images + (1 - blend) * partner(images), lam * y + (1 - lam) * partner(y)
+
+
 def make_train_step(graphdef_train: nnx.GraphDef, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, weights: jax.Array,
                     frozen: frozenset[str] = frozenset()
                     ) -> Callable[..., tuple[State, dict[str, jax.Array]]]:
     """The pure train step, before jit: `(state, images, labels[, lesion_masks]) -> (state,
-    metrics)`.
+    metrics)`. With `train.mixup` > 0 the augmented batch is mixed (`mixup`) before the loss.
 
     Gradients are taken of the trainable parameters only: frozen ones are constants, so no
     backward pass runs through frozen layers below the lowest trainable one.
@@ -103,9 +122,13 @@ def make_train_step(graphdef_train: nnx.GraphDef, tx: optax.GradientTransformati
 
     def train_step(state: State, images: jax.Array, labels: jax.Array,
                    lesion_masks: jax.Array | None = None) -> tuple[State, dict]:
-        x = augment.augment_batch(images, jax.random.fold_in(key, state["step"]), aug,
-                                  lesion_masks)
+        step_key = jax.random.fold_in(key, state["step"])
+        x = augment.augment_batch(images, step_key, aug, lesion_masks)
         x, masks = x if lesion_masks is not None else (x, None)
+        targets = labels
+        if config.train.mixup > 0:  # config_check: not with lesion masks, which it cannot mix
+            x, targets = mixup(x, labels, jax.random.fold_in(step_key, MIXUP_STREAM),
+                               config.train.mixup)
 
         trainable, fixed = transfer.split(state["params"], frozen)
 
@@ -113,7 +136,7 @@ def make_train_step(graphdef_train: nnx.GraphDef, tx: optax.GradientTransformati
             # copy=True: fresh Variables in this trace; the split state holds the outer ones
             model = nnx.merge(graphdef_train, trainable, fixed, state["rest"], copy=True)
             logits, inter = model(x.astype(dtype))
-            loss = classify(logits, labels, weights, config.train.label_smoothing)
+            loss = classify(logits, targets, weights, config.train.label_smoothing)
             parts = {}
             if masks is not None:
                 parts["lesion_loss"] = losses.lesion_loss(inter, masks)
