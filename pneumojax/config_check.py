@@ -19,14 +19,13 @@ from typing import Any
 import ml_collections
 
 from pneumojax import cli, losses, metrics, models, transfer
-from pneumojax.data import sources
+from pneumojax.data import augment, intensity, sources
 
 Rule = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 Node = ml_collections.ConfigDict | dict  # ConfigDict is no collections.abc.Mapping
 
 DTYPES = ("float32", "bfloat16")  # bfloat16: mixed precision (parameters stay float32)
 SOURCES = ("folder:PATH", "medmnist", "synthetic")
-INTENSITY = ("none", "equalize", "clahe")  # pneumojax.data.intensity
 
 
 def _number(low: float, high: float = math.inf, *, open_low: bool = False,
@@ -45,10 +44,13 @@ def _number(low: float, high: float = math.inf, *, open_low: bool = False,
     return rule
 
 
-def _integer(minimum: int) -> Rule:
+def _integer(minimum: int, maximum: int | None = None) -> Rule:
+    wanted = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
     def rule(value: Any) -> str | None:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        return None if ok else f"must be an integer, at least {minimum}"
+        ok = (isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+              and (maximum is None or value <= maximum))
+        return None if ok else f"must be an integer, {wanted}"
     return rule
 
 
@@ -138,8 +140,8 @@ FIELDS: dict[str, Rule] = {
     "data.num_workers": _integer(0),
     "data.device_resident": _boolean,
     "data.holdout": _text,
-    "data.intensity": _choice(INTENSITY),
-    "data.tta_views": _integer(1),
+    "data.intensity": _choice(intensity.METHODS),
+    "data.tta_views": _integer(1, len(augment.TTA_VIEWS)),  # the views defined
     "data.augment.enabled": _boolean,
     "data.augment.rotation_deg": _number(0, 180),
     "data.augment.translate": _number(0, 1, open_high=True),
@@ -147,6 +149,9 @@ FIELDS: dict[str, Rule] = {
     "data.augment.hflip": _boolean,
     "data.augment.brightness": _number(0, 1),
     "data.augment.contrast": _number(0, 1),
+    "data.augment.gamma": _number(0, 2),
+    "data.augment.blur": _number(0, 8),
+    "data.augment.noise": _number(0, 1),
     "train.seed": _integer(0),
     "train.batch_size": _integer(1),
     "train.eval_batch_size": _integer(1),

@@ -46,7 +46,7 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, x: jax.
 
 
 def activation_gradients(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, *,
-                         layer: str, target: str = "PNEUMONIA"
+                         layer: str, target: str = "PNEUMONIA", intensity: str = "none"
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(logits (B,), activation A (B, h, w, c) at `layer`, d score / dA), not jitted.
 
@@ -54,7 +54,7 @@ def activation_gradients(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.
     reads running statistics), so one backward pass yields every image's own gradient.
     """
     forward = functools.partial(_forward, graphdef, state["params"], state["rest"],
-                                augment.to_float(images_uint8), layer)
+                                augment.model_input(images_uint8, intensity), layer)
     stage = jax.eval_shape(forward, {})[1]  # traced only: nothing runs
 
     def score(delta: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -89,10 +89,10 @@ _COMBINE = {"gradcam": _gradcam, "gradcam++": _gradcam_pp, "hirescam": _hirescam
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef: nnx.GraphDef, layer: str, target: str, method: str):
+def _compiled(graphdef: nnx.GraphDef, layer: str, target: str, method: str, intensity: str):
     def run(params: nnx.State, rest: nnx.State, images: jax.Array) -> dict:
         logits, a, g = activation_gradients(graphdef, {"params": params, "rest": rest}, images,
-                                            layer=layer, target=target)
+                                            layer=layer, target=target, intensity=intensity)
         raw = nnx.relu(_COMBINE[method](a.astype(jnp.float32), g.astype(jnp.float32)))
         maps = jax.image.resize(raw, images.shape[:3], "bilinear")
         # Scaled by the peak, not min-max stretched: zero stays "no evidence", so the share
@@ -106,14 +106,17 @@ def _compiled(graphdef: nnx.GraphDef, layer: str, target: str, method: str):
 
 
 def cams(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, *, layer: str,
-         target: str = "PNEUMONIA", method: str = METHODS[0]) -> dict[str, jax.Array]:
+         target: str = "PNEUMONIA", method: str = METHODS[0], intensity: str = "none"
+         ) -> dict[str, jax.Array]:
     """Class activation maps of a batch of uint8 (B, H, W, C) images.
 
     Returns {"raw": (B, h, w) at the layer's resolution after ReLU, "maps": (B, H, W)
     bilinearly upsampled and scaled to [0, 1] per image, "probability": (B,) P(PNEUMONIA),
     "score": (B,) the target's score}. `state` is {params, rest, ...} as
-    `inference.load(workdir).state` holds it, with its eval `graphdef`. Compiled once per
-    (graphdef, layer, target, method) and input shape.
+    `inference.load(workdir).state` holds it, with its eval `graphdef`; `intensity` is its
+    `data.intensity`, so that the maps explain the very input the model reads
+    (`augment.model_input`; no test-time views). Compiled once per (graphdef, layer, target,
+    method, intensity) and input shape.
 
     The default method is HiResCAM (Draelos & Carin 2020): it sums gradient x activation per
     cell, where Grad-CAM first averages the gradient over the grid and so can paint cells the
@@ -130,8 +133,8 @@ def cams(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, *, layer:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
-    out = _compiled(graphdef, layer, target, method)(state["params"], state["rest"],
-                                                     jnp.asarray(images_uint8))
+    out = _compiled(graphdef, layer, target, method, intensity)(
+        state["params"], state["rest"], jnp.asarray(images_uint8))
     try:
         no_gradient = bool(out.pop("no_gradient"))
     except jax.errors.ConcretizationTypeError:  # under a trace (jit, eval_shape): not known yet
@@ -175,16 +178,12 @@ def config_layer(config) -> str:
 def gaussian_blur(images: jax.Array, sigma: float) -> jax.Array:
     """Separable Gaussian blur of float (B, H, W, C) images, edges replicated: the deletion
     test's stand-in for "this region carries no detail", keeping its mean brightness."""
-    radius = max(1, int(3 * sigma))
-    k = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / sigma) ** 2)
-    k = (k / k.sum()).astype(images.dtype)
-    x = jnp.pad(images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
-    x = jnp.apply_along_axis(lambda r: jnp.convolve(r, k, mode="valid"), 1, x)
-    return jnp.apply_along_axis(lambda r: jnp.convolve(r, k, mode="valid"), 2, x)
+    blur = functools.partial(augment.gaussian_blur, sigma=sigma, radius=max(1, int(3 * sigma)))
+    return jax.vmap(blur)(images)
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_deletion(graphdef: nnx.GraphDef, count: int, sigma: float):
+def _compiled_deletion(graphdef: nnx.GraphDef, count: int, sigma: float, intensity: str):
     def probability(params: nnx.State, rest: nnx.State, x: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, params, rest, copy=True)
         return jax.nn.sigmoid(model(x)[0])
@@ -197,7 +196,7 @@ def _compiled_deletion(graphdef: nnx.GraphDef, count: int, sigma: float):
 
     def run(params: nnx.State, rest: nnx.State, images: jax.Array, maps: jax.Array,
             key: jax.Array) -> dict[str, jax.Array]:
-        x = augment.to_float(images)
+        x = augment.model_input(images, intensity)
         blurred = gaussian_blur(x, sigma)
         noise = jax.random.uniform(key, maps.shape)
         return {name: probability(params, rest, v) for name, v in (
@@ -208,8 +207,8 @@ def _compiled_deletion(graphdef: nnx.GraphDef, count: int, sigma: float):
 
 
 def deletion(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, maps: jax.Array, *,
-             fraction: float = 0.2, sigma: float | None = None, seed: int = 0
-             ) -> dict[str, jax.Array]:
+             fraction: float = 0.2, sigma: float | None = None, seed: int = 0,
+             intensity: str = "none") -> dict[str, jax.Array]:
     """Faithfulness by deletion (Samek et al. 2017; Petsiuk et al. 2018): P(PNEUMONIA) of each
     image as it is ("original"), with the `fraction` of its pixels that `maps` rank highest
     blurred ("salient"), and with as many pixels drawn at random blurred ("random").
@@ -218,6 +217,7 @@ def deletion(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, maps:
     than removing the same number anywhere. Blurring (default sigma: 1/16 of the image side)
     removes detail without the out-of-distribution black holes that zeroing would punch.
     Exactly round(fraction * H * W) pixels per image are blurred, ties broken by position.
+    The blur acts on the model's input (`augment.model_input` with the model's `intensity`).
     """
     images_uint8 = jnp.asarray(images_uint8)
     height, width = images_uint8.shape[1:3]
@@ -228,7 +228,7 @@ def deletion(graphdef: nnx.GraphDef, state: dict, images_uint8: jax.Array, maps:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     count = max(1, round(fraction * height * width))
     sigma = float(sigma or max(height, width) / 16)
-    return _compiled_deletion(graphdef, count, sigma)(
+    return _compiled_deletion(graphdef, count, sigma, intensity)(
         state["params"], state["rest"], images_uint8, jnp.asarray(maps, jnp.float32),
         jax.random.key(seed))
 

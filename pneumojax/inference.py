@@ -63,12 +63,18 @@ def eval_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, State]:
 def make_eval_step(graphdef_eval: nnx.GraphDef, config: ml_collections.ConfigDict,
                    temperature: float = 1.0) -> Callable[[State, jax.Array], jax.Array]:
     """uint8 images -> P(PNEUMONIA) = sigmoid(logit / temperature), in inference mode, before
-    jit; the temperature is the one fitted on validation (`metrics.fit_temperature`)."""
+    jit; the temperature is the one fitted on validation (`metrics.fit_temperature`).
+
+    The input is made as in training (`augment.model_input`, `data.intensity`); with
+    `data.tta_views` > 1 the logit is the mean over `augment.tta_views`: averaged as logits,
+    the scale that the temperature divides."""
     dtype = jnp.dtype(config.model.dtype)
 
     def eval_step(state: State, images_uint8: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef_eval, state["params"], state["rest"], copy=True)
-        logits, _ = model(augment.to_float(images_uint8).astype(dtype))
+        x = augment.model_input(images_uint8, config.data.intensity)
+        logits = jnp.mean(jnp.stack([model(v.astype(dtype))[0]
+                                     for v in augment.tta_views(x, config.data.tta_views)]), 0)
         return jax.nn.sigmoid(logits / temperature)
 
     return eval_step
@@ -173,7 +179,7 @@ class Model:
              method: str = gradcam.METHODS[0], layer: str | None = None) -> dict[str, jax.Array]:
         """`gradcam.cams` of this model (default stage: `layer`)."""
         return gradcam.cams(self.graphdef, self.state, images_uint8, layer=layer or self.layer,
-                            target=target, method=method)
+                            target=target, method=method, intensity=self.config.data.intensity)
 
     def check_cams(self, *, method: str, layer: str) -> None:
         """Traces Grad-CAM once on an abstract batch, so that a wrong method or layer is one
@@ -184,7 +190,8 @@ class Model:
         batch = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 1), jnp.uint8)
         try:
             jax.eval_shape(lambda x: gradcam.cams(self.graphdef, self.state, x, layer=layer,
-                                                  method=method), batch)
+                                                  method=method,
+                                                  intensity=self.config.data.intensity), batch)
         except ValueError as e:
             raise cli.UserError(f"--layer {layer!r}: {e}") from e
 

@@ -19,6 +19,7 @@ SIZE = (64, 64)
 CENTRE = np.array([(SIZE[0] - 1) / 2, (SIZE[1] - 1) / 2])
 NO_PHOTO = dict(brightness=0.0, contrast=0.0)
 NO_GEOMETRY = dict(rotation_deg=0.0, translate=0.0, zoom=(1.0, 1.0), hflip=False)
+ACQUISITION = dict(gamma=0.3, blur=1.5, noise=0.05)  # the families that mimic another scanner
 CONFIG = augment.AugmentConfig(hflip=True)  # shared, so that jit compiles it once (~1 s on CPU)
 warp = jax.jit(augment.warp)
 
@@ -128,10 +129,10 @@ def test_which_families_are_on_comes_from_the_fields():
 
 
 @dataclasses.dataclass(frozen=True)
-class _WithGamma(augment.AugmentConfig):
+class _WithSharpen(augment.AugmentConfig):
     """A family added later, as a researcher would: one more field."""
 
-    gamma: float = dataclasses.field(default=0.2, metadata=augment.family(1, "photometric", 0.0))
+    sharpen: float = dataclasses.field(default=0.2, metadata=augment.family(1, "photometric", 0.0))
 
 
 def test_a_familys_draws_depend_on_its_name_alone():
@@ -139,14 +140,14 @@ def test_a_familys_draws_depend_on_its_name_alone():
     base = augment.draws(key, augment.AugmentConfig())
     assert len({float(u[0]) for u in base.values()}) == len(base)  # no two families share draws
     # Turning families on or off, or adding a new one, leaves every other family's draws alone.
-    for other in (augment.AugmentConfig(hflip=True), _WithGamma(),
-                  augment.AugmentConfig(**NO_PHOTO),
+    for other in (augment.AugmentConfig(hflip=True), _WithSharpen(),
+                  augment.AugmentConfig(**NO_PHOTO), augment.AugmentConfig(**ACQUISITION),
                   augment.AugmentConfig(rotation_deg=30.0, zoom=(0.5, 2.0), contrast=0.0)):
         drawn = augment.draws(key, other)
         assert set(drawn) == set(other.families())
         for name in set(drawn) & set(base):
             np.testing.assert_array_equal(drawn[name], base[name], err_msg=name)
-    assert set(augment.draws(key, _WithGamma())) - set(base) == {"gamma"}
+    assert set(augment.draws(key, _WithSharpen())) - set(base) == {"sharpen"}
     np.testing.assert_array_equal(  # the key folded in from the name, the same in any process
         base["contrast"], jax.random.uniform(jax.random.fold_in(key, zlib.crc32(b"contrast")), 1))
 
@@ -231,8 +232,10 @@ def test_batch_sharded_across_devices(tmp_path):
     # Fake devices must be set before jax starts, hence a fresh interpreter; it checks
     # against this process's unsharded result, so that it compiles only the sharded one.
     images = _images()
+    scanner = augment.AugmentConfig(hflip=True, **ACQUISITION)  # and the histograms of CLAHE
     expected = augment.augment_batch(images, jax.random.key(0), CONFIG)
-    np.savez(tmp_path / "case.npz", images=images, expected=expected)
+    clahe = augment.augment_batch(images, jax.random.key(0), scanner, intensity="clahe")
+    np.savez(tmp_path / "case.npz", images=images, expected=expected, clahe=clahe)
     script = textwrap.dedent(
         f"""
         import jax, numpy as np
@@ -245,8 +248,11 @@ def test_batch_sharded_across_devices(tmp_path):
         sharded = jax.device_put(case["images"], NamedSharding(mesh, P("data")))
         with jax.set_mesh(mesh):
             out = augment.augment_batch(sharded, jax.random.key(0), augment.{CONFIG!r})
-        assert out.sharding.spec[0] == "data", out.sharding
+            clahe = augment.augment_batch(sharded, jax.random.key(0), augment.{scanner!r},
+                                          intensity="clahe")
+        assert out.sharding.spec[0] == clahe.sharding.spec[0] == "data", out.sharding
         np.testing.assert_allclose(out, case["expected"], atol=1e-6)
+        np.testing.assert_allclose(clahe, case["clahe"], atol=1e-5)
         """
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -258,3 +264,85 @@ def test_config_is_hashable_even_from_a_list():
     config = augment.AugmentConfig(zoom=[0.8, 1.2])  # as a config file may hand it over
     assert hash(config) == hash(augment.AugmentConfig(zoom=(0.8, 1.2)))
     assert math.isclose(config.zoom[1], 1.2)
+
+
+def _only(**families) -> augment.AugmentConfig:
+    """A config with no family on but `families`."""
+    return augment.AugmentConfig(**{**NO_GEOMETRY, **NO_PHOTO, **families})
+
+
+def _example_draws(key: jax.Array, config: augment.AugmentConfig, batch: int) -> list[dict]:
+    """Each example's draws, from the per-example keys augment_batch splits off `key`."""
+    return [augment.draws(k, config) for k in jax.random.split(key, batch)]
+
+
+def test_acquisition_families_are_off_by_default_and_follow_the_key():
+    assert not set(ACQUISITION) & set(augment.AugmentConfig().families())
+    images, config = _images(), augment.AugmentConfig(**ACQUISITION)
+    first = augment.augment_batch(images, jax.random.key(0), config)
+    np.testing.assert_array_equal(first, augment.augment_batch(images, jax.random.key(0), config))
+    assert not np.allclose(first, augment.augment_batch(images, jax.random.key(1), config))
+    assert not np.allclose(first, augment.augment_batch(images, jax.random.key(0), CONFIG))
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
+
+
+def test_gamma_raises_each_image_to_its_drawn_exponent():
+    grey, key = jnp.full((4, 33, 33, 1), 128, jnp.uint8), jax.random.key(3)
+    config = _only(gamma=0.5)
+    out = np.asarray(augment.augment_batch(grey, key, config))[:, 0, 0, 0]
+    # exponent = exp(U(-0.5, 0.5)) = exp(-0.5 + u)
+    exponent = [np.exp(-0.5 + float(u["gamma"][0])) for u in _example_draws(key, config, 4)]
+    np.testing.assert_allclose(out, (128 / 255) ** np.array(exponent), rtol=1e-5)
+
+
+def test_noise_has_the_drawn_standard_deviation():
+    grey, key = jnp.full((4, 64, 64, 1), 128, jnp.uint8), jax.random.key(4)
+    config = _only(noise=0.1)
+    out = np.asarray(augment.augment_batch(grey, key, config))
+    std = [0.1 * float(u["noise"][0]) for u in _example_draws(key, config, 4)]
+    np.testing.assert_allclose(out.std(axis=(1, 2, 3)), std, rtol=0.05)
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 128 / 255, atol=0.01)
+
+
+def test_blur_spreads_a_point_by_the_drawn_sigma():
+    point = jnp.zeros((4, 41, 41, 1), jnp.uint8).at[:, 20, 20].set(255)
+    key, config = jax.random.key(5), _only(blur=2.0)
+    out = np.asarray(augment.augment_batch(point, key, config))[..., 0]
+    rows = (np.arange(41) - 20)[None, :, None]
+    sigma = [2.0 * float(u["blur"][0]) for u in _example_draws(key, config, 4)]
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), 1.0, rtol=1e-5)  # brightness kept
+    # The variance of a Gaussian sampled at whole pixels (below sigma ~ 0.7 it falls short of
+    # sigma ** 2), with the radius ceil(3 * 2.0).
+    k = np.arange(-6, 7)[:, None]
+    w = np.exp(-0.5 * (k / np.array(sigma)) ** 2)
+    variance = (out * rows**2).sum(axis=(1, 2))
+    np.testing.assert_allclose(variance, (k**2 * w).sum(0) / w.sum(0), rtol=1e-4, atol=1e-6)
+    assert variance[np.argmax(sigma)] > 1.0  # a wide blur did spread the point
+
+
+@pytest.mark.parametrize("method", ["equalize", "clahe"])
+def test_disabled_is_exactly_the_model_input(method):
+    images = _images()
+    out = augment.augment_batch(images, jax.random.key(0), augment.AugmentConfig(enabled=False),
+                                intensity=method)
+    model_input = jax.jit(augment.model_input, static_argnames="intensity")  # as augment_batch
+    np.testing.assert_array_equal(out, model_input(images, method))
+    assert not np.allclose(out, augment.to_float(images))
+
+
+def test_intensity_comes_after_the_photometric_families_and_before_the_warp():
+    images, key = _images(batch=3), jax.random.key(6)
+    # After brightness: the normalisation undoes the shift it was shown (none is clipped).
+    images = images // 2 + 64
+    bright = _only(brightness=0.1)
+    shifted = augment.augment_batch(images, key, bright)
+    assert np.abs(shifted - augment.to_float(images)).mean() > 0.03
+    undone = augment.augment_batch(images, key, bright, intensity="equalize")
+    assert np.abs(undone - augment.model_input(images, "equalize")).mean() < 0.01
+    # Before the warp: the warp moves the normalised image, whose histogram has no fill in it.
+    moved = _only(translate=0.2)
+    out = augment.augment_batch(images, key, moved, intensity="equalize")
+    normalised = augment.model_input(images, "equalize")
+    for x, u, got in zip(normalised, _example_draws(key, moved, 3), out):
+        want = augment.warp(x, augment._random_affine(u, moved, x.shape[:2]))
+        np.testing.assert_allclose(got, np.clip(want, 0, 1), atol=1e-5)

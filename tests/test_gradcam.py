@@ -354,9 +354,9 @@ def test_deletion_blurs_exactly_the_top_fraction(shallow, monkeypatch):
     seen = []
     real = gradcam._compiled_deletion.__wrapped__
 
-    def spy(graphdef, count, sigma):
+    def spy(graphdef, count, sigma, intensity):
         seen.append((count, sigma))
-        return real(graphdef, count, sigma)
+        return real(graphdef, count, sigma, intensity)
 
     monkeypatch.setattr(gradcam, "_compiled_deletion", spy)
     p = gradcam.deletion(graphdef, state, images, maps, fraction=0.2)

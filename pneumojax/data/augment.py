@@ -11,11 +11,14 @@ of the centre moves up (towards row 0).
 
 import dataclasses
 import functools
+import math
 import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from pneumojax.data.intensity import normalize
 
 
 def family(draws: int, kind: str, off: Any) -> dict[str, Any]:
@@ -48,6 +51,13 @@ class AugmentConfig:
     brightness: float = dataclasses.field(default=0.1, metadata=family(1, "photometric", 0.0))
     # factor ~ U(1-c, 1+c) around the per-image mean
     contrast: float = dataclasses.field(default=0.1, metadata=family(1, "photometric", 0.0))
+    # The next three mimic another scanner or exposure (issue 22); off by default.
+    # exponent ~ exp(U(-g, g)): x ** exponent, a film's tone curve
+    gamma: float = dataclasses.field(default=0.0, metadata=family(1, "photometric", 0.0))
+    # Gaussian blur, sigma ~ U(0, s) pixels: a softer detector or resampling
+    blur: float = dataclasses.field(default=0.0, metadata=family(1, "photometric", 0.0))
+    # additive Gaussian noise, std ~ U(0, n): a lower dose (its field: `_random_photometric`)
+    noise: float = dataclasses.field(default=0.0, metadata=family(1, "photometric", 0.0))
 
     def __post_init__(self) -> None:
         # Configs may hand over a list, which would make the dataclass unhashable.
@@ -83,8 +93,33 @@ def draws(key: jax.Array, config: AugmentConfig) -> dict[str, jax.Array]:
 
 
 def to_float(images: jax.Array) -> jax.Array:
-    """uint8 -> float32 in [0, 1]. This is all the preprocessing eval does."""
+    """uint8 -> float32 in [0, 1]."""
     return images.astype(jnp.float32) / 255.0
+
+
+def model_input(images_uint8: jax.Array, intensity: str) -> jax.Array:
+    """uint8 (B, H, W, C) -> the float32 batch a model reads: `to_float`, then each image's
+    intensity normalisation. Evaluation, prediction and Grad-CAM all start here, and training
+    applies the same `normalize` (in `augment_image`), so a model never sees another input."""
+    return jax.vmap(functools.partial(normalize, method=intensity))(to_float(images_uint8))
+
+
+TTA_VIEWS = ((1.0, 0.0, 0.0), (1.06, 0.0, 0.0), (0.94, 0.0, 0.0), (1.0, 0.04, 0.0),
+             (1.0, -0.04, 0.0), (1.0, 0.0, 0.04), (1.0, 0.0, -0.04))
+"""Test-time views as (zoom, row shift, column shift as fractions of the size), the identity
+first: small zooms and shifts inside the default training ranges, so each view is one the model
+has seen the like of. No horizontal flip: a mirrored film shows the heart on the wrong side."""
+
+
+def tta_views(x: jax.Array, views: int) -> list[jax.Array]:
+    """The first `views` of TTA_VIEWS of a normalised float batch (B, H, W, C). View 0 is `x`
+    itself, so one view is exactly the input without test-time augmentation."""
+    if not 1 <= views <= len(TTA_VIEWS):
+        raise ValueError(f"views={views}: must be from 1 to {len(TTA_VIEWS)} (TTA_VIEWS)")
+    size = x.shape[1:3]
+    return [x] + [jax.vmap(warp, in_axes=(0, None))(x, affine_matrix(
+        size, 0.0, zoom, jnp.array([rows * size[0], cols * size[1]]), False))
+        for zoom, rows, cols in TTA_VIEWS[1:views]]
 
 
 def affine_matrix(
@@ -167,60 +202,95 @@ def _random_affine(u: dict[str, jax.Array], config: AugmentConfig,
     return affine_matrix(size, rotation, scale, shift, flip)
 
 
-def _random_photometric(x: jax.Array, u: dict[str, jax.Array], config: AugmentConfig) -> jax.Array:
-    """Contrast about the per-image mean, then brightness, each if its family is on."""
-    b, c = config.brightness, config.contrast
+def gaussian_blur(image: jax.Array, sigma: jax.Array | float, radius: int) -> jax.Array:
+    """Separable Gaussian blur of one float (H, W, C) image, edges replicated, as 2 * radius
+    + 1 weighted shifted copies per axis: `sigma` may differ per example under vmap, where a
+    convolution with a per-example kernel would not batch cheaply."""
+    k = jnp.arange(-radius, radius + 1)
+    w = jnp.exp(-0.5 * (k / jnp.maximum(sigma, 1e-3)) ** 2)  # sigma -> 0: the identity
+    w = (w / w.sum()).astype(image.dtype)
+    for axis in (0, 1):
+        n = image.shape[axis]
+        pad = [(0, 0)] * image.ndim
+        pad[axis] = (radius, radius)
+        padded = jnp.pad(image, pad, mode="edge")
+        image = sum(w[i] * jax.lax.slice_in_dim(padded, i, i + n, axis=axis)
+                    for i in range(2 * radius + 1))
+    return image
+
+
+def _random_photometric(x: jax.Array, key: jax.Array, u: dict[str, jax.Array],
+                        config: AugmentConfig) -> jax.Array:
+    """Contrast about the per-image mean, brightness, gamma, blur, then noise, each if its
+    family is on. The noise field comes from `fold_in(key, stream("noise field"))`, a name no
+    family has, so it shifts no family's draws."""
+    b, c, g = config.brightness, config.contrast, config.gamma
     if "contrast" in u:
         mean = jnp.mean(x)
         x = (x - mean) * _between(u["contrast"][0], 1.0 - c, 1.0 + c) + mean
     if "brightness" in u:
         x = x + _between(u["brightness"][0], -b, b)
+    if "gamma" in u:  # clipped first: a power of a negative number is not a grey level
+        x = jnp.clip(x, 0.0, 1.0) ** jnp.exp(_between(u["gamma"][0], -g, g))
+    if "blur" in u:
+        x = gaussian_blur(x, config.blur * u["blur"][0], math.ceil(3 * config.blur))
+    if "noise" in u:
+        field = jax.random.normal(jax.random.fold_in(key, stream("noise field")), x.shape)
+        x = x + config.noise * u["noise"][0] * field
     return x
 
 
 def augment_image(image: jax.Array, key: jax.Array, config: AugmentConfig,
-                  mask: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                  mask: jax.Array | None = None, intensity: str = "none"
+                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """uint8 (H, W, C) -> float32 (H, W, C) in [0, 1]; one example of augment_batch.
 
-    Photometric first, then the warp, so that the zero fill stays black rather
-    than picking up the brightness shift. Each family draws by its name (`draws`), so
-    turning one on or adding one leaves the others' numbers as they were.
-    A lesion `mask` (H, W, 1) takes the same warp as extra channels, in the same gather,
-    and comes back as float32 in [0, 1] (bilinear, soft at its edge).
+    Photometric first, then the intensity normalisation (`intensity.normalize`), then the
+    warp: the normalisation meets a simulated scanner as it would a real one, and the warp's
+    zero fill stays black rather than picking up a brightness shift or a histogram. Each
+    family draws by its name (`draws`), so turning one on or adding one leaves the others'
+    numbers as they were. A lesion `mask` (H, W, 1) takes the same warp as extra channels,
+    in the same gather, and comes back as float32 in [0, 1] (bilinear, soft at its edge).
     """
     x = to_float(image)
     m = None if mask is None else mask.astype(jnp.float32)
-    if config.enabled:
-        u = draws(key, config)
-        if config.photometric:
-            x = _random_photometric(x, u, config)
-        if config.geometric:
-            c = x.shape[-1]
-            x = warp(x if m is None else jnp.concatenate([x, m], -1),
-                     _random_affine(u, config, x.shape[:2]))
-            x, m = (x, m) if m is None else (x[..., :c], x[..., c:])
-        x = jnp.clip(x, 0.0, 1.0)
+    if not config.enabled:
+        x = normalize(x, intensity)
+        return x if m is None else (x, m)
+    u = draws(key, config)
+    if config.photometric:
+        x = _random_photometric(x, key, u, config)
+    x = normalize(x, intensity)
+    if config.geometric:
+        c = x.shape[-1]
+        x = warp(x if m is None else jnp.concatenate([x, m], -1),
+                 _random_affine(u, config, x.shape[:2]))
+        x, m = (x, m) if m is None else (x[..., :c], x[..., c:])
+    x = jnp.clip(x, 0.0, 1.0)
     return x if m is None else (x, m)
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@functools.partial(jax.jit, static_argnames=("config", "intensity"))
 def augment_batch(images: jax.Array, key: jax.Array, config: AugmentConfig,
-                  masks: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+                  masks: jax.Array | None = None, intensity: str = "none"
+                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """uint8 (B, H, W, C) -> float32 (B, H, W, C) in [0, 1]; with lesion `masks`
-    (B, H, W, 1), (images, masks) warped alike.
+    (B, H, W, 1), (images, masks) warped alike. `intensity` names the normalisation
+    (`intensity.METHODS`).
 
     One key per example (jax.random.split(key, B)), vmapped. Exactly
-    to_float(images) when config.enabled is False. Jitted so that eager callers
-    (plots, notebooks) don't dispatch op by op; inside the train step it inlines.
+    model_input(images, intensity) when config.enabled is False. Jitted so that eager
+    callers (plots, notebooks) don't dispatch op by op; inside the train step it inlines.
     """
     if not config.enabled:
-        return to_float(images) if masks is None else (to_float(images), masks.astype(jnp.float32))
+        x = model_input(images, intensity)
+        return x if masks is None else (x, masks.astype(jnp.float32))
     keys = jax.random.split(key, images.shape[0])
     # Under explicit sharding vmap wants the keys split over devices exactly like the images.
     sharding = jax.typeof(images).sharding
     if sharding.spec[0] is not None:
         keys = jax.sharding.reshard(keys, sharding.update(spec=jax.P(sharding.spec[0])))
-    one = functools.partial(augment_image, config=config)
+    one = functools.partial(augment_image, config=config, intensity=intensity)
     if masks is None:
         return jax.vmap(one)(images, keys)
     return jax.vmap(lambda x, k, m: one(x, k, mask=m))(images, keys, masks)

@@ -123,7 +123,8 @@ def make_train_step(graphdef_train: nnx.GraphDef, tx: optax.GradientTransformati
     def train_step(state: State, images: jax.Array, labels: jax.Array,
                    lesion_masks: jax.Array | None = None) -> tuple[State, dict]:
         step_key = jax.random.fold_in(key, state["step"])
-        x = augment.augment_batch(images, step_key, aug, lesion_masks)
+        x = augment.augment_batch(images, step_key, aug, lesion_masks,
+                                  intensity=config.data.intensity)
         x, masks = x if lesion_masks is not None else (x, None)
         targets = labels
         if config.train.mixup > 0:  # config_check: not with lesion masks, which it cannot mix
