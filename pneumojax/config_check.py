@@ -136,6 +136,7 @@ FIELDS: dict[str, Rule] = {
     "data.data_dir": _optional(_text),
     "data.image_size": _integer(32),  # the models' smallest input
     "data.validation_fraction": _number(0, 1, open_low=True, open_high=True),
+    "data.split_seed": _integer(0),
     "data.synthetic_count": _integer(2),
     "data.num_workers": _integer(0),
     "data.device_resident": _boolean,

@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
         data_dir=config_dict.placeholder(str),  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
         image_size=64,
         validation_fraction=0.1,
+        split_seed=0,                    # seed of the patient-disjoint validation split; kept
+                                         # apart from train.seed so seed ensembles share it
         synthetic_count=1200,
         num_workers=0,                   # grain worker processes; 0 reads in threads
         device_resident=False,           # train split on the accelerator, no host work per step

@@ -17,7 +17,7 @@ def prepare_data(config: ml_collections.ConfigDict) -> str:
     d = config.data
     return pdata.ensure_prepared(d.source, data_dir=d.data_dir, image_size=d.image_size,
                                  validation_fraction=d.validation_fraction,
-                                 seed=config.train.seed, synthetic_count=d.synthetic_count,
+                                 seed=d.split_seed, synthetic_count=d.synthetic_count,
                                  holdout=d.holdout)
 
 
