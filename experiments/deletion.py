@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script
 from experiments import common
 from pneumojax import data as pdata
-from pneumojax import evaluate, gradcam, inference, xla_cpu
+from pneumojax import ensemble, gradcam, inference, xla_cpu
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "deletion.json"
 
@@ -37,15 +37,15 @@ def probabilities(workdir: str | pathlib.Path, data: str = "tfds:validation", *,
     model = inference.load(workdir, checkpoint)
     config, graphdef, state, step = model.config, model.graphdef, model.state, model.step
     layer = layer or gradcam.config_layer(config)
-    examples = evaluate.load_images(data, config)[0]
+    examples = ensemble.load_images(data, config)[0]
     out = {m: {k: [] for k in ("label", "original", "salient", "random")} for m in methods}
     for i, batch in enumerate(pdata.eval_batches(examples, batch_size=batch_size)):
         valid = np.asarray(batch["valid"])
         for method in methods:
-            maps = gradcam.cams(graphdef, state, batch["image"], layer=layer,
-                                method=method)["maps"]
+            maps = gradcam.cams(graphdef, state, batch["image"], layer=layer, method=method,
+                                intensity=config.data.intensity)["maps"]
             probs = gradcam.deletion(graphdef, state, batch["image"], maps, fraction=fraction,
-                                     seed=i)
+                                     seed=i, intensity=config.data.intensity)
             out[method]["label"].append(np.asarray(batch["label"])[valid])
             for k, v in probs.items():
                 out[method][k].append(np.asarray(v)[valid])

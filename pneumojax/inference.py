@@ -215,13 +215,11 @@ class Model:
             if not ok:
                 continue
             batch = np.stack([x for _, _, x in ok])
-            if heatmaps:
-                result = self.cams(batch, method=method, layer=layer)
-                # the PNEUMONIA score is the logit: calibrated as `score` calibrates it
-                probs = np.asarray(jax.nn.sigmoid(result["score"] / self.temperature))
-                maps = np.asarray(result["maps"])
-            else:
-                probs, maps = self.score(batch), [None] * len(ok)
+            # `score`, not Grad-CAM's own forward pass: test-time views and the temperature
+            # apply, so a file gets the probability that evaluate gives it
+            probs = self.score(batch)
+            maps = (np.asarray(self.cams(batch, method=method, layer=layer)["maps"]) if heatmaps
+                    else [None] * len(ok))
             for (f, data, _), p, heat in zip(ok, probs, maps):
                 yield Prediction(f, data, float(p), LABELS[int(p >= self.threshold)], heat)
 

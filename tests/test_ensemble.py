@@ -59,13 +59,15 @@ def test_evaluate_and_predict_take_several_workdirs(trained, second, tmp_path, c
     assert "mean of 2 runs" in capsys.readouterr().out
     result = json.loads((trained / "eval" / "ensemble2-tfds-validation.json").read_text())
     assert [m["image_size"] for m in result["members"]] == [32, 40]
-    rng = np.random.default_rng(0)
+    rng, films = np.random.default_rng(0), tmp_path / "films"
+    films.mkdir()
     for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (50, 60), np.uint8)).save(tmp_path / f"x{i}.png")
-    records = list(predict.predict([trained, second], [tmp_path], out=tmp_path / "out"))
-    singles = [list(predict.predict([w], [tmp_path], out=tmp_path / "o")) for w in
+        Image.fromarray(rng.integers(0, 255, (50, 60), np.uint8)).save(films / f"x{i}.png")
+    records = list(predict.predict([trained, second], [films], out=tmp_path / "out"))
+    singles = [list(predict.predict([w], [films], out=tmp_path / "o")) for w in
                (trained, second)]
-    for r, a, b in zip(records, *singles):
+    assert len(records) == 3
+    for r, a, b in zip(records, *singles, strict=True):
         assert r["probability"] == pytest.approx((a["probability"] + b["probability"]) / 2,
                                                  abs=1e-6)
         assert r["heatmap"].endswith(".png")
@@ -76,5 +78,5 @@ def test_members_must_share_the_validation_split(trained, synthetic, tmp_path):
     c = tiny_config(synthetic[0], epochs=0.5)
     c.data.holdout = "synthetic-00000"
     training.train_and_evaluate(c, tmp_path / "held")
-    with pytest.raises(cli.UserError, match="data.holdout.*validation split differs"):
+    with pytest.raises(cli.UserError, match="validation split differs.*data.holdout"):
         ensemble.load([trained, tmp_path / "held"])
