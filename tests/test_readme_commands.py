@@ -98,6 +98,8 @@ RULES = [
          ("--synthetic-count=16", "--data-dir={tmp}/tfds"), says="synthetic-224px"),
     Rule(r"python -m pneumojax\.data prepare --source folder:\S+",
          ("--data-dir={tmp}/tfds",), says="Files read: 48, written: 48, rejected: 0"),
+    Rule(r"python -m pneumojax\.data prepare --source folder:\S+ --holdout NORMAL2-",
+         not_run="the phantoms have no NORMAL2- series; tests/test_builder.py holds one out"),
     Rule(r"python -m pneumojax\.data prepare --source medmnist",
          not_run="downloads; tests/test_builder.py prepares it from a server on 127.0.0.1"),
     Rule(r"python -m pneumojax\.data stats", ("--data-dir={tmp}/tfds",), says="validation"),
