@@ -305,7 +305,8 @@ def markdown(table: dict) -> str:
          "threshold were chosen, so slightly optimistic;"),
         (f"- **`val`**: the source's own `{VAL_SPLIT}` split (n = {sizes(r['val'] for r in ok)}"
          "); for the Kermany folder these 16 images come from the test cohort, so they show "
-         "the shift between the cohorts. The official `test` split is never read."), "",
+         "the shift between the cohorts. The source's `test` split, when it has one, is read once "
+         "after training, at the frozen threshold (Published figures, below)."), "",
         "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         if r["status"] != "ok":
