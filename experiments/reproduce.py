@@ -7,12 +7,12 @@
         --set deep_cnn:model.kwargs.widths='(8, 8, 16, 16)'
 
 Writes experiments/results/table.md and table.json (`--out DIR` elsewhere). Rows: the shallow
-CNN, the deep CNN, ResNet50 from scratch and fine-tuned from ImageNet, and Xception with a
-frozen ImageNet backbone, fine-tuned from ImageNet and from scratch. A row from ImageNet is
-skipped, with the reason in the table, when its weights are not cached (`python -m
-pneumojax.weights fetch MODEL --source SOURCE`); under `--cpu`, a row with no CPU-feasible
-size is skipped when there is no GPU. `--cpu` runs each model's `:cpu` configs (64 px; 128
-px for Xception): about 80 minutes on a 2-core CPU.
+CNN, the deep CNN (plain, and `:robust`: the levers of docs/cohort.md), ResNet50 from scratch
+and fine-tuned from ImageNet, and Xception with a frozen ImageNet backbone, fine-tuned from
+ImageNet and from scratch. A row from ImageNet is skipped, with the reason in the table, when
+its weights are not cached (`python -m pneumojax.weights fetch MODEL --source SOURCE`); under
+`--cpu`, a row with no CPU-feasible size is skipped when there is no GPU. `--cpu` runs each
+model's `:cpu` configs (64 px; 128 px for Xception): about 85 minutes on a 2-core CPU.
 
 Each row trains in WORKDIR_ROOT/ROW (`_cpu` added under `--cpu`). A finished workdir of the
 same config is reused, not retrained, and an interrupted one resumes; `--retrain` starts over.
@@ -74,6 +74,8 @@ class Row:
 ROWS = (
     Row("shallow_cnn", "Shallow CNN", "configs/shallow_cnn.py", "configs/shallow_cnn.py:cpu"),
     Row("deep_cnn", "Deep CNN", "configs/deep_cnn.py", "configs/deep_cnn.py:cpu"),
+    Row("deep_cnn_robust", "Deep CNN, robust to acquisition shift", "configs/deep_cnn.py:robust",
+        "configs/deep_cnn.py:robust"),
     Row("resnet50_scratch", "ResNet50, from scratch", "configs/resnet50.py:scratch",
         "configs/resnet50.py:cpu"),
     Row("resnet50_imagenet", "ResNet50, from ImageNet", "configs/resnet50.py", None,

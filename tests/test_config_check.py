@@ -10,7 +10,8 @@ from pneumojax import cli, config_check
 from pneumojax.data.augment import AugmentConfig
 
 SHIPPED = [(resnet50, None), (resnet50, "demo"), (resnet50, "scratch"), (resnet50, "cpu"),
-           (deep_cnn, None), (deep_cnn, "cpu"), (shallow_cnn, None), (shallow_cnn, "cpu")]
+           (deep_cnn, None), (deep_cnn, "cpu"), (deep_cnn, "robust"), (shallow_cnn, None),
+           (shallow_cnn, "cpu")]
 
 
 def problem(config, devices: int = 1, processes: int = 1) -> str:

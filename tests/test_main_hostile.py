@@ -62,7 +62,7 @@ def test_a_mistake_on_the_command_line_is_one_line_before_any_work(tmp_path, arg
 def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
     assert_refused(run_main("--config", "configs/deep_cnn.py:gpu"),
                    "--config configs/deep_cnn.py:gpu: unknown argument 'gpu'; use "
-                   "configs/deep_cnn.py or :cpu")
+                   "configs/deep_cnn.py, :cpu or :robust")
     assert_refused(run_main("--config", "configs/nope.py", "--config.train.epochs=2"),
                    f"--config configs/nope.py: no such file {ROOT / 'configs/nope.py'}")
 
