@@ -73,6 +73,9 @@ RULES = [
          says="workdir: "),
     Rule(r"python -m pneumojax\.main --config configs/deep_cnn\.py:cpu .*",
          ("--config.train.epochs=1", "--config.data.data_dir={tmp}/tfds"), says="workdir: "),
+    Rule(r"python -m pneumojax\.main --config configs/deep_cnn\.py:robust .*",
+         ("--config.train.epochs=1", "--config.data.data_dir={tmp}/tfds"), says="workdir: "),
+    Rule(r"python -m pneumojax\.cohort .*", ("--n-boot=20",), says="strong shifts"),
     Rule(r"python -m pneumojax\.main --config configs/resnet50\.py "
          r"--config\.data\.source=folder:PATH/chest_xray",
          ("--config.data.data_dir={tmp}/tfds", "--workdir={tmp}/workdirs/imagenet",
