@@ -83,27 +83,17 @@ class Ensemble:
 
     def score(self, data: str, transform: Transform | None = None) -> Scored:
         """Every readable image of `data` (`load_images`), each member at its own size with
-        `transform` applied to its uint8 images first; rows in the first member's order."""
-        per_member = []
-        for m in self.members:
-            examples, files, patients, rejected = load_images(data, m.config)
-            if transform is not None:
-                images = transform(np.stack([ex["image"] for ex in _items(examples)]))
-                examples = [{"image": x, "label": ex["label"]}
-                            for x, ex in zip(images, _items(examples))]
-            labels, probs, index = m.score_split(examples)
-            per_member.append(({files[i]: p for i, p in zip(index, probs)},
-                               dict(zip((files[i] for i in index), labels)),
-                               files, patients, rejected))
-        first_files, first_patients = per_member[0][2], per_member[0][3]
-        common = [i for i, f in enumerate(first_files)
-                  if all(f in probs for probs, *_ in per_member)]
-        keep = [first_files[i] for i in common]
-        return Scored(labels=np.array([per_member[0][1][f] for f in keep], np.int32),
-                      probs=np.mean([[probs[f] for f in keep] for probs, *_ in per_member],
-                                    axis=0).astype(np.float32),
-                      files=keep, patients=[first_patients[i] for i in common],
-                      rejected=per_member[0][4])
+        `transform` applied to its uint8 images first; rows in the first member's order, kept
+        where every member could read the file."""
+        first, *others = (_score(m, data, transform) for m in self.members)
+        by_file = [dict(zip(s.files, s.probs)) for s in others]
+        keep = [i for i, f in enumerate(first.files) if all(f in b for b in by_file)]
+        return Scored(labels=first.labels[keep],
+                      probs=np.mean([first.probs[keep], *([b[first.files[i]] for i in keep]
+                                                         for b in by_file)], axis=0,
+                                    dtype=np.float32),
+                      files=[first.files[i] for i in keep],
+                      patients=[first.patients[i] for i in keep], rejected=first.rejected)
 
     def iter_files(self, paths: Sequence[str | pathlib.Path], *, heatmaps: bool = True,
                    method: str = gradcam.METHODS[0], layer: str | None = None,
@@ -122,6 +112,17 @@ class Ensemble:
             p = float(np.mean([q.probability for q in (first, *others)]))
             yield dataclasses.replace(first, probability=p,
                                       label=inference.LABELS[int(p >= self.threshold)])
+
+
+def _score(m: inference.Model, data: str, transform: Transform | None) -> Scored:
+    """One member on `data`, rows aligned with the files it read."""
+    examples, files, patients, rejected = load_images(data, m.config)
+    if transform is not None:
+        images = transform(np.stack([ex["image"] for ex in _items(examples)]))
+        examples = [{"image": x, "label": ex["label"]} for x, ex in zip(images, _items(examples))]
+    labels, probs, index = m.score_split(examples)
+    return Scored(labels=labels, probs=probs, files=[files[i] for i in index],
+                  patients=[patients[i] for i in index], rejected=rejected)
 
 
 def _items(examples: Sequence[dict]) -> Iterator[dict]:
