@@ -5,8 +5,8 @@
 
 Prints one JSON line per image: file, probability of PNEUMONIA, label at the threshold chosen
 on validation, that threshold, and the overlay PNG (image, heat map, contour). Several
-`--workdir`s average their probabilities (`ensemble`); the heat map is the first run's. JPEG, PNG and
-DICOM of any size or mode are read exactly as in training. A file that cannot be read gets a
+`--workdir`s average their probabilities (`ensemble`); the heat map is the first run's. JPEG,
+PNG and DICOM of any size or mode are read exactly as in training. A file that cannot be read gets a
 line with its error while the rest still run; the exit status is 1 if any file failed. Only
 regular files (or links to them) of at most `images.MAX_BYTES` are read: a FIFO, a device or
 a folder without images is its path's error. No image among all the paths, or a wrong
