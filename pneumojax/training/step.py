@@ -93,9 +93,10 @@ def mixup(images: jax.Array, labels: jax.Array, key: jax.Array, alpha: float
     partner from a permutation of the batch, lambda ~ Beta(alpha, alpha) per example.
 
     Blends with labels in proportion ask for scores that vary linearly between examples
-    rather than a memorised confident score per image: a regulariser that tends to help
-    calibration and a shifted cohort. Partners are gathered across the whole batch, however it
-    is sharded (`out_sharding` keeps explicit sharding along B)."""
+    rather than a memorised confident score per image: a regulariser often said to help
+    calibration and shifted cohorts, though not on this project's proxy (docs/cohort.md).
+    Partners are gathered across the whole batch, however it is sharded (`out_sharding` keeps
+    explicit sharding along B)."""
     perm_key, lam_key = jax.random.split(key)
     perm = jax.random.permutation(perm_key, images.shape[0])
     lam = jax.random.beta(lam_key, alpha, alpha, labels.shape)
